@@ -1,0 +1,23 @@
+"""gpt2lab: GPT-2, open all the way.
+
+    import gpt2lab as gl
+    model = gl.load("gpt2-medium")
+    model.generate("The capital of France is", max_new_tokens=20)
+"""
+
+from .config import GPT2Config
+from .errors import GPT2LabError
+from .model import GPT2, KVCache
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+
+def load(name_or_path=None, *, dtype=None, device=None):
+    """Load a GPT-2 checkpoint by preset name, local directory or HF repo id (see checkpoint.load)."""
+    from .checkpoint import load as _load
+
+    return _load(name_or_path, dtype=dtype, device=device)
+
+
+__all__ = ["GPT2", "GPT2Config", "GPT2LabError", "KVCache", "Tokenizer", "load", "__version__"]

@@ -1,0 +1,334 @@
+"""Loading and saving GPT-2 checkpoints in HuggingFace's layout.
+
+Loading reads `config.json` plus `model.safetensors` (or sharded safetensors with an
+index, or `pytorch_model.bin` through `torch.load(weights_only=True)` only, so a
+pickle can never run code). Safetensors are read tensor by tensor straight into
+their final buffers, so loading never holds two copies of the weights; the header is
+checked against the file size first, so a truncated download is reported as such
+instead of failing somewhere deep in a read.
+
+HF stores GPT-2's linear layers as `Conv1D` ([in, out]); gpt2lab uses `nn.Linear`
+([out, in]) like nanoGPT, so those weights are transposed on the way in and out.
+Saving writes `config.json` + `model.safetensors` that
+`transformers.GPT2LMHeadModel.from_pretrained` loads unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, GPT2Config
+from .errors import GPT2LabError
+from .model import GPT2
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+DTYPE_ALIASES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+HUB_REPOS = {name: [f"openai-community/{name}", name] for name in PRESETS if name.startswith("gpt2")}
+_LAYER_KEY = re.compile(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)")
+_MODULE_NAMES = {"ln_1": "ln1", "ln_2": "ln2"}
+
+
+# ---- names -------------------------------------------------------------------------
+def hf_to_ours(hf_name: str) -> tuple[str, bool] | None:
+    """Map an HF GPT-2 tensor name to (our name, needs transpose); None = not a weight we keep."""
+    name = hf_name.removeprefix("transformer.")
+    if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None  # tied to wte / legacy causal-mask buffers
+    if name in ("wte.weight", "wpe.weight"):
+        return name, False
+    if name in ("ln_f.weight", "ln_f.bias"):
+        return "ln_final." + name.split(".")[1], False
+    m = _LAYER_KEY.fullmatch(name)
+    if m is None:
+        raise GPT2LabError(f"checkpoint has tensor {hf_name!r}, which is not part of a GPT-2 model")
+    layer, module, kind = m.groups()
+    transpose = kind == "weight" and not module.startswith("ln")
+    return f"blocks.{layer}.{_MODULE_NAMES.get(module, module)}.{kind}", transpose
+
+
+def ours_to_hf(name: str) -> tuple[str, bool]:
+    if name in ("wte.weight", "wpe.weight"):
+        return "transformer." + name, False
+    if name.startswith("ln_final."):
+        return "transformer.ln_f." + name.split(".")[1], False
+    _, layer, module, *rest = name.split(".")
+    module = {"ln1": "ln_1", "ln2": "ln_2"}.get(module, module)
+    kind = rest[-1]
+    transpose = kind == "weight" and not module.startswith("ln")
+    return f"transformer.h.{layer}.{'.'.join([module, *rest])}", transpose
+
+
+# ---- safetensors, streamed -----------------------------------------------------------
+def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
+    size = path.stat().st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise GPT2LabError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise GPT2LabError(f"{path} is truncated or corrupt: header of {n} bytes in a {size}-byte file")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GPT2LabError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise GPT2LabError(
+            f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
+            "download it again"
+        )
+    return header, 8 + n
+
+
+def read_safetensors(path: Path, keep=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, each read directly into its own buffer."""
+    with open(path, "rb") as f:
+        header, base = _read_safetensors_header(path, f)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if not keep(name):
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise GPT2LabError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            start, end = (int(x) for x in info["data_offsets"])
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if end - start != tensor.numel() * tensor.element_size():
+                raise GPT2LabError(f"{path} is corrupt: tensor {name} has the wrong number of bytes")
+            f.seek(base + start)
+            if tensor.numel() and f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
+                raise GPT2LabError(f"{path} is truncated (while reading {name})")
+            yield name, tensor
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict) -> None:
+    """Write tensors one at a time (a transposed copy lives only while it is written)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, t in tensors:
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+# ---- .bin (pickle), refusing anything but tensors --------------------------------------
+def read_bin(path: Path, keep=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        raise GPT2LabError(
+            f"refusing to load {path}: it holds more than plain tensors and could run code ({first}); "
+            "convert it to safetensors from a trusted environment"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise GPT2LabError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise GPT2LabError(f"{path} does not hold a state dict")
+    for name, tensor in state.items():
+        if not keep(name):
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise GPT2LabError(f"{path}: entry {name!r} is not a tensor")
+        yield name, tensor
+
+
+# ---- finding a checkpoint --------------------------------------------------------------
+def hub_cache_dir() -> Path:
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _has_weights(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and any((directory / f).is_file() for f in WEIGHT_FILES)
+
+
+def _from_hub_cache(repo_ids: list[str]) -> Path | None:
+    cache = hub_cache_dir()
+    for repo_id in repo_ids:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        if ref.is_file():
+            snapshot = repo / "snapshots" / ref.read_text().strip()
+            if _has_weights(snapshot):
+                return snapshot
+        snapshots = repo / "snapshots"
+        if snapshots.is_dir():
+            for snapshot in sorted(snapshots.iterdir()):
+                if _has_weights(snapshot):
+                    return snapshot
+    return None
+
+
+def _download(repo_id: str) -> Path | None:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+    except Exception:  # offline, repo missing, ...: report below with instructions
+        return None
+    return Path(path)
+
+
+def bundled_dir() -> Path:
+    return Path(str(resources.files("gpt2lab") / "data" / "bundled"))
+
+
+def resolve(name_or_path: str | os.PathLike | None) -> Path:
+    """A directory holding config.json and weights, for a path, preset name or HF repo id."""
+    if name_or_path is None:
+        path = bundled_dir()
+        if not _has_weights(path):
+            raise GPT2LabError(
+                "no bundled model is installed in this copy of gpt2lab; pass a checkpoint directory or a preset name"
+            )
+        return path
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        path = path.parent
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GPT2LabError(f"{path} has no config.json; a GPT-2 checkpoint directory needs it")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise GPT2LabError(f"{path} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+        return path
+    name = str(name_or_path)
+    repo_ids = HUB_REPOS.get(name, [name] if name.count("/") == 1 else [])
+    if not repo_ids:
+        raise GPT2LabError(
+            f"{name!r} is neither an existing path nor a known model (presets: {', '.join(HUB_REPOS)})"
+        )
+    found = _from_hub_cache(repo_ids) or _download(repo_ids[0])
+    if found is None or not _has_weights(found):
+        raise GPT2LabError(
+            f"{name} is not available offline: fetch config.json and model.safetensors from the Hugging Face "
+            f"repo {repo_ids[0]} into a directory and pass its path, or into the HF cache at {hub_cache_dir()}"
+        )
+    return found
+
+
+def _shards(directory: Path, single: str) -> list[Path]:
+    """The shard files named by `<single>.index.json`, or [] when there is no index."""
+    index = directory / f"{single}.index.json"
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = [directory / shard for shard in sorted(set(weight_map.values()))]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise GPT2LabError(f"{index} is not a valid shard index") from None
+    for shard in shards:
+        if not shard.is_file():
+            raise GPT2LabError(f"shard {shard.name} named in {index.name} is missing from {directory}")
+    return shards
+
+
+def _weight_stream(directory: Path, keep) -> Iterator[tuple[str, torch.Tensor]]:
+    for single, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_bin)):
+        files = [directory / single] if (directory / single).is_file() else _shards(directory, single)
+        if files:
+            for path in files:
+                yield from reader(path, keep)
+            return
+    raise GPT2LabError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPE_ALIASES:
+        raise GPT2LabError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return DTYPE_ALIASES[dtype]
+
+
+# ---- load / save -------------------------------------------------------------------
+def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
+    """Load a GPT-2 checkpoint: a directory, a preset (`gpt2-medium`), an HF repo id, or
+    None for the bundled model. `dtype` defaults to float32; "auto" keeps the file's."""
+    directory = resolve(name_or_path)
+    cfg = GPT2Config.from_json_file(directory / "config.json")
+    want_dtype = torch.float32 if dtype is None else parse_dtype(dtype)
+    with torch.device("meta"):
+        model = GPT2(cfg)
+    expected = dict(model.state_dict())
+
+    def keep(hf_name: str) -> bool:
+        return hf_to_ours(hf_name) is not None
+
+    state: dict[str, torch.Tensor] = {}
+    for hf_name, tensor in _weight_stream(directory, keep):
+        name, transpose = hf_to_ours(hf_name)  # type: ignore[misc]
+        if name not in expected:
+            raise GPT2LabError(f"checkpoint has tensor {hf_name!r} but the config has {cfg.n_layers} layers")
+        want = tuple(expected[name].shape)
+        got = tuple(tensor.shape[::-1]) if transpose else tuple(tensor.shape)
+        if got != want:
+            shape = want[::-1] if transpose else want
+            raise GPT2LabError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if transpose:
+            tensor = tensor.T
+        state[name] = tensor.to(dtype=want_dtype or tensor.dtype, device=device).contiguous()
+        del tensor
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise GPT2LabError(f"checkpoint in {directory} is missing {len(missing)} tensors, e.g. {missing[0]}")
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def save(model: GPT2, directory: str | os.PathLike) -> None:
+    """Write config.json + model.safetensors in HF's layout, atomically (temp file + rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = []
+    for name, tensor in model.state_dict().items():
+        hf_name, transpose = ours_to_hf(name)
+        tensors.append((hf_name, tensor.T if transpose else tensor))
+    tmp = directory / "model.safetensors.tmp"
+    write_safetensors(tmp, tensors, {"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(model.cfg.to_hf(), indent=2) + "\n")
+    os.replace(tmp, directory / "config.json")

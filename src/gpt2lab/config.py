@@ -1,0 +1,167 @@
+"""GPT-2 hyper-parameters, the four OpenAI presets, and HF `config.json` I/O.
+
+Field names follow TransformerLens (`d_model`, `n_layers`, ...) because the
+interpretability half of gpt2lab speaks that language; `from_hf` / `to_hf` translate
+to HuggingFace's names (`n_embd`, `n_layer`, ...) so checkpoints move both ways.
+Options of HF's GPT2Config that change the math are either carried through
+(`scale_attn_weights`, `scale_attn_by_inverse_layer_idx`, the activation) or refused
+with a clear error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import GPT2LabError
+
+# Activations we implement, by their HF names. gelu_new, gelu_fast and
+# gelu_pytorch_tanh are all the tanh approximation of GELU.
+ACTIVATIONS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish", "quick_gelu")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layers: int = 24
+    d_model: int = 1024
+    n_heads: int = 16
+    n_ctx: int = 1024
+    d_vocab: int = 50257
+    d_mlp: int = 0  # 0 means 4 * d_model
+    act_fn: str = "gelu_new"
+    layer_norm_eps: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    ln_free: bool = False  # LayerNorms replaced by fixed-scale ones (LN-removal recipe)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.d_mlp == 0:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)
+        for name in ("n_layers", "d_model", "n_heads", "n_ctx", "d_vocab", "d_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise GPT2LabError(
+                f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.act_fn not in ACTIVATIONS:
+            raise GPT2LabError(
+                f"config: activation {self.act_fn!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count with the unembedding tied to the embedding (as GPT-2 does)."""
+        d, m, layer = self.d_model, self.d_mlp, 0
+        layer += 2 * 2 * d  # two LayerNorms
+        layer += d * 3 * d + 3 * d + d * d + d  # attention
+        layer += d * m + m + m * d + d  # MLP
+        return self.d_vocab * d + self.n_ctx * d + self.n_layers * layer + 2 * d
+
+    def with_(self, **changes: Any) -> GPT2Config:
+        return replace(self, **changes)
+
+    # ---- presets -------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> GPT2Config:
+        if name not in PRESETS:
+            raise GPT2LabError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        return cls(**PRESETS[name])
+
+    # ---- HF config.json ------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> GPT2Config:
+        """Build from an HF GPT2Config dict, refusing options we do not implement."""
+        model_type = hf.get("model_type")
+        if model_type != "gpt2":
+            raise GPT2LabError(
+                f"config: model_type is {model_type!r}, not 'gpt2'; gpt2lab only runs GPT-2 checkpoints"
+            )
+        if hf.get("add_cross_attention"):
+            raise GPT2LabError("config: add_cross_attention=True (encoder-decoder GPT-2) is not supported")
+        if hf.get("tie_word_embeddings") is False:
+            raise GPT2LabError("config: tie_word_embeddings=False is not supported (GPT-2 ties them)")
+        # reorder_and_upcast_attn only changes the precision in which attention is
+        # computed, not the math, so it is accepted.
+        n_embd = hf.get("n_embd", 768)
+        try:
+            return cls(
+                n_layers=hf.get("n_layer", 12),
+                d_model=n_embd,
+                n_heads=hf.get("n_head", 12),
+                n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                d_vocab=hf.get("vocab_size", 50257),
+                d_mlp=hf.get("n_inner") or 4 * n_embd,
+                act_fn=hf.get("activation_function", "gelu_new"),
+                layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+                scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+                ln_free=bool(hf.get("gpt2lab_ln_free", False)),
+                extra={k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf},
+            )
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise GPT2LabError(f"config: invalid value ({e})") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        hf = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_layer": self.n_layers,
+            "n_embd": self.d_model,
+            "n_head": self.n_heads,
+            "n_positions": self.n_ctx,
+            "n_ctx": self.n_ctx,
+            "vocab_size": self.d_vocab,
+            "n_inner": None if self.d_mlp == 4 * self.d_model else self.d_mlp,
+            "activation_function": self.act_fn,
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "scale_attn_weights": self.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx,
+            "reorder_and_upcast_attn": False,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "initializer_range": 0.02,
+            "bos_token_id": self.extra.get("bos_token_id", 50256),
+            "eos_token_id": self.extra.get("eos_token_id", 50256),
+            "tie_word_embeddings": True,
+        }
+        if self.ln_free:
+            hf["gpt2lab_ln_free"] = True
+        return hf
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> GPT2Config:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise GPT2LabError(f"config: {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GPT2LabError(f"config: {path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise GPT2LabError(f"config: {path} does not hold a JSON object")
+        return cls.from_hf(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layers=12, d_model=768, n_heads=12),
+    "gpt2-medium": dict(n_layers=24, d_model=1024, n_heads=16),
+    "gpt2-large": dict(n_layers=36, d_model=1280, n_heads=20),
+    "gpt2-xl": dict(n_layers=48, d_model=1600, n_heads=25),
+    # A test-sized GPT-2 with the real vocabulary.
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_ctx=128),
+}
+
+__all__ = ["GPT2Config", "PRESETS", "ACTIVATIONS"]

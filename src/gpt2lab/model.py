@@ -1,0 +1,423 @@
+"""The GPT-2 transformer: embeddings, pre-LN blocks, tied unembedding.
+
+Read top to bottom: `LayerNorm`, `Attention`, `MLP`, `Block`, then `GPT2.forward`.
+Weights are stored fused and in `nn.Linear` layout (as nanoGPT does) because that is
+what the fast kernels want; TransformerLens-shaped per-head views (`W_Q`, `W_O`, ...)
+are derived on demand. Every activation a researcher may want passes through a
+`HookPoint` with its TransformerLens name; attention only materialises its scores
+and pattern when a hook asks for them, otherwise it runs through
+`F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GPT2Config
+from .errors import GPT2LabError
+from .hooks import HookedModule, HookPoint
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+
+def activation(name: str):
+    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return partial(F.gelu, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    raise GPT2LabError(f"activation {name!r} is not supported")
+
+
+class AttnMask(NamedTuple):
+    """Which keys each query may see: a boolean tensor [batch|1, 1, query, key] (True =
+    attend), or `None` with `causal` telling whether plain causal masking applies."""
+
+    mask: torch.Tensor | None
+    causal: bool
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    Memory for `max_len` positions is reserved once, so decoding never reallocates or
+    concatenates. `key_mask` remembers which cached positions hold real tokens (False
+    for left padding), so later steps need only the new tokens' mask.
+    """
+
+    def __init__(self, cfg: GPT2Config, batch: int, max_len: int, *, dtype=None, device=None):
+        if max_len > cfg.n_ctx:
+            raise GPT2LabError(f"KV cache of {max_len} positions exceeds the context ({cfg.n_ctx})")
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_head)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/duplicate batch rows (beam search)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.key_mask = self.key_mask.index_select(0, index)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens' `hook_scale` and `hook_normalized`.
+
+    The fused kernel runs unless a hook is attached; then the same math runs step by
+    step so the scale and the normalised output can be read or replaced.
+    """
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.eps = eps
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.hook_scale.fns or self.hook_normalized.fns):
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.weight + self.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.d_head = layer, cfg.n_heads, cfg.d_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
+        self.scale = 1 / math.sqrt(cfg.d_head) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer + 1
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, query, key], masked = -inf
+        self.hook_pattern = HookPoint()  # [batch, head, query, key]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model], computed only if hooked
+
+    def forward(self, x: torch.Tensor, mask: AttnMask, cache: KVCache | None) -> torch.Tensor:
+        B, T, D = x.shape
+        H, dh = self.n_heads, self.d_head
+        q, k, v = self.c_attn(x).split(D, dim=-1)
+        q = self.hook_q(q.view(B, T, H, dh)).transpose(1, 2)  # -> [B, H, T, dh]
+        k = self.hook_k(k.view(B, T, H, dh)).transpose(1, 2)
+        v = self.hook_v(v.view(B, T, H, dh)).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # -> [B, H, past + T, dh]
+
+        if self.hook_attn_scores.fns or self.hook_pattern.fns:
+            allowed = mask.mask
+            if allowed is None:  # plain causal (or a single query that sees everything)
+                S = k.shape[2]
+                allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            scores = (q @ k.transpose(-1, -2)) * self.scale
+            scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(-1))
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.mask, is_causal=mask.causal, scale=self.scale
+            )
+        z = self.hook_z(z.transpose(1, 2))  # [B, T, H, dh]
+
+        if self.hook_result.fns:  # per-head contributions to the residual stream
+            W_O = self.c_proj.weight.T.reshape(H, dh, D)
+            result = self.hook_result(torch.einsum("bthd,hdm->bthm", z, W_O))
+            return result.sum(2) + self.c_proj.bias
+        return self.c_proj(z.reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp)  # W_in
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model)  # W_out
+        self.act = activation(cfg.act_fn)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.hook_post(self.act(self.hook_pre(self.c_fc(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: torch.Tensor, mask: AttnMask, cache: KVCache | None) -> torch.Tensor:
+        resid = self.hook_resid_pre(resid)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, cache))
+        resid = self.hook_resid_mid(resid + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        return self.hook_resid_post(resid + mlp_out)
+
+
+class GPT2(HookedModule):
+    """GPT-2 with TransformerLens hook points and a KV cache.
+
+    `model(tokens)` returns logits [batch, pos, vocab]. For a left-padded batch pass
+    `attention_mask` (1 = token, 0 = padding); position ids then count real tokens
+    only, exactly as HF's `generate` does.
+    """
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)  # also the unembedding (tied)
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.setup_hooks()
+
+    # ---- forward ---------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor | str | list[str],
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [batch, pos] (or text, tokenized without a BOS token).
+
+        With `cache`, `tokens` are the new tokens only and `attention_mask` may cover
+        either the new tokens or all tokens so far. `logits_to_keep=n` computes logits
+        for the last n positions only (what generation needs).
+        """
+        if isinstance(tokens, (str, list)):
+            tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
+        tokens = self._check_tokens(tokens)
+        B, T = tokens.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.n_ctx:
+            raise GPT2LabError(
+                f"sequence of {past + T} tokens is longer than the model's context ({self.cfg.n_ctx})"
+            )
+        if cache is not None and (cache.batch != B or past + T > cache.max_len):
+            raise GPT2LabError(
+                f"KV cache holds batch {cache.batch} x {cache.max_len} positions; "
+                f"got batch {B} with {past + T} positions"
+            )
+
+        key_mask = self._key_mask(attention_mask, B, T, past, cache, tokens.device)
+        if position_ids is None:
+            if key_mask is None:
+                position_ids = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+            else:  # count real tokens only, so left padding does not shift positions
+                position_ids = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
+        elif position_ids.shape[-1] != T or (position_ids.numel() and int(position_ids.max()) >= self.cfg.n_ctx):
+            raise GPT2LabError(f"position_ids must have {T} positions, each below n_ctx ({self.cfg.n_ctx})")
+        mask = self._attn_mask(key_mask, T, past, tokens.device)
+
+        resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
+        for block in self.blocks:
+            resid = block(resid, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if logits_to_keep:
+            resid = resid[:, -logits_to_keep:]
+        return self.unembed(self.ln_final(resid))
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.wte.weight)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            raise GPT2LabError(f"tokens must be a tensor of ids, got {type(tokens).__name__}")
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise GPT2LabError(
+                f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}"
+            )
+        if tokens.shape[1] == 0:
+            raise GPT2LabError("tokens are empty: give at least one token")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            bad = hi if hi >= self.cfg.d_vocab else lo
+            raise GPT2LabError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")
+        return tokens.to(device=self.wte.weight.device, dtype=torch.long)
+
+    @staticmethod
+    def _key_mask(attention_mask, B, T, past, cache, device) -> torch.Tensor | None:
+        """[batch, past + T] bool of real tokens, or None when nothing is padded."""
+        if attention_mask is None:
+            if cache is None or not cache.has_padding:
+                return None
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+            raise GPT2LabError(
+                f"attention_mask must be [batch, {T}] or [batch, {past + T}], got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[1] == T and past:
+            attention_mask = torch.cat([cache.key_mask[:, :past], attention_mask], dim=1)
+        if cache is not None:
+            cache.key_mask[:, past : past + T] = attention_mask[:, past:]
+            cache.has_padding = cache.has_padding or not bool(attention_mask.all())
+        return attention_mask
+
+    @staticmethod
+    def _attn_mask(key_mask, T, past, device) -> AttnMask:
+        if key_mask is None:
+            if T == 1:
+                return AttnMask(None, False)  # one new query sees every cached key
+            if past == 0:
+                return AttnMask(None, True)
+        S = past + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)
+        if key_mask is None:
+            return AttnMask(causal, False)
+        # A padding query sees no real key; letting it see itself keeps softmax finite.
+        own = torch.zeros(T, S, dtype=torch.bool, device=device)
+        own[:, past:] = torch.eye(T, dtype=torch.bool, device=device)
+        allowed = (causal & key_mask[:, None, :]) | own
+        return AttnMask(allowed[:, None], False)
+
+    # ---- conveniences ----------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        from .tokenizer import Tokenizer
+
+        return Tokenizer()
+
+    def to_tokens(self, text: str | list[str], *, return_mask: bool = False):
+        """Tokenize text (left-padded for a list), as a [batch, pos] tensor on the model's device."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.tokenizer.encode(t) or [self.tokenizer.eot_token] for t in texts]
+        width = max(len(x) for x in ids)
+        tokens = torch.full((len(ids), width), self.tokenizer.eot_token, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, x in enumerate(ids):
+            tokens[row, width - len(x) :] = torch.tensor(x)
+            mask[row, width - len(x) :] = 1
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        if return_mask:
+            return tokens, (None if bool(mask.all()) else mask)
+        return tokens
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len or self.cfg.n_ctx, dtype=self.dtype, device=self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def init_weights(self, seed: int | None = None) -> GPT2:
+        """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)  # LayerNorm / biases
+                else:
+                    std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    # ---- jobs that live in other modules -------------------------------------------
+    def generate(self, prompt: Any, **options: Any):
+        from .generation import generate
+
+        return generate(self, prompt, **options)
+
+    def save(self, directory: str) -> None:
+        from .checkpoint import save
+
+        save(self, directory)
+
+    # ---- TransformerLens-shaped weight views (copies; editing them changes nothing) --
+    def _stack(self, fn) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([fn(b) for b in self.blocks])
+
+    def _qkv(self, which: int, bias: bool) -> torch.Tensor:
+        D, H, dh = self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head
+        if bias:
+            return self._stack(lambda b: b.attn.c_attn.bias[which * D : (which + 1) * D].view(H, dh))
+        return self._stack(
+            lambda b: b.attn.c_attn.weight[which * D : (which + 1) * D].T.reshape(D, H, dh).transpose(0, 1)
+        )
+
+    W_Q = property(lambda self: self._qkv(0, False))  # [layer, head, d_model, d_head]
+    W_K = property(lambda self: self._qkv(1, False))
+    W_V = property(lambda self: self._qkv(2, False))
+    b_Q = property(lambda self: self._qkv(0, True))  # [layer, head, d_head]
+    b_K = property(lambda self: self._qkv(1, True))
+    b_V = property(lambda self: self._qkv(2, True))
+    W_O = property(  # [layer, head, d_head, d_model]
+        lambda self: self._stack(
+            lambda b: b.attn.c_proj.weight.T.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+        )
+    )
+    b_O = property(lambda self: self._stack(lambda b: b.attn.c_proj.bias))  # [layer, d_model]
+    W_in = property(lambda self: self._stack(lambda b: b.mlp.c_fc.weight.T))  # [layer, d_model, d_mlp]
+    b_in = property(lambda self: self._stack(lambda b: b.mlp.c_fc.bias))
+    W_out = property(lambda self: self._stack(lambda b: b.mlp.c_proj.weight.T))  # [layer, d_mlp, d_model]
+    b_out = property(lambda self: self._stack(lambda b: b.mlp.c_proj.bias))
+
+    @property
+    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
+        return self.wte.weight.detach().clone()
+
+    @property
+    def W_pos(self) -> torch.Tensor:  # [n_ctx, d_model]
+        return self.wpe.weight.detach().clone()
+
+    @property
+    def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
+        return self.wte.weight.detach().T.clone()
+
+    @property
+    def b_U(self) -> torch.Tensor:  # GPT-2 has no unembedding bias
+        return torch.zeros(self.cfg.d_vocab, dtype=self.dtype, device=self.device)

@@ -1,0 +1,34 @@
+"""Shared fixtures: small GPT-2 checkpoints with random weights, made by transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SMALL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+
+
+def hf_model(seed: int = 0, **overrides):
+    """A transformers GPT2LMHeadModel with random (non-trivial) weights, eager attention."""
+    import transformers
+
+    cfg = transformers.GPT2Config(**{**SMALL, **overrides}, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # HF initialises LayerNorms to 1/0 and biases to 0: randomise them too
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_small():
+    return hf_model()
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory, hf_small):
+    path = tmp_path_factory.mktemp("hf_small")
+    hf_small.save_pretrained(path)
+    return path
