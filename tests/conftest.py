@@ -12,6 +12,7 @@ def hf_model(seed: int = 0, **overrides):
     """A transformers GPT2LMHeadModel with random (non-trivial) weights, eager attention."""
     import transformers
 
+    overrides = {"initializer_range": 0.2, **overrides}  # big enough that outputs depend on inputs
     cfg = transformers.GPT2Config(**{**SMALL, **overrides}, attn_implementation="eager")
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg).eval()

@@ -1,8 +1,8 @@
 """gpt2lab: GPT-2, open all the way.
 
-    import gpt2lab as gl
-    model = gl.load("gpt2-medium")
-    model.generate("The capital of France is", max_new_tokens=20)
+import gpt2lab as gl
+model = gl.load("gpt2-medium")
+model.generate("The capital of France is", max_new_tokens=20)
 """
 
 from .config import GPT2Config

@@ -46,8 +46,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-HUB_REPOS = {name: [f"openai-community/{name}", name] for name in PRESETS if name.startswith("gpt2")}
-_LAYER_KEY = re.compile(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)")
+HUB_REPOS = {
+    name: [f"openai-community/{name}", name] for name in PRESETS if name.startswith("gpt2")
+}
+_LAYER_KEY = re.compile(
+    r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)"
+)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _MODULE_NAMES = {"ln_1": "ln1", "ln_2": "ln2"}
 
 
@@ -89,7 +94,9 @@ def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
         raise GPT2LabError(f"{path} is truncated or not a safetensors file ({size} bytes)")
     n = int.from_bytes(head, "little")
     if n > size - 8:
-        raise GPT2LabError(f"{path} is truncated or corrupt: header of {n} bytes in a {size}-byte file")
+        raise GPT2LabError(
+            f"{path} is truncated or corrupt: header of {n} bytes in a {size}-byte file"
+        )
     try:
         header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -113,13 +120,20 @@ def read_safetensors(path: Path, keep=lambda name: True) -> Iterator[tuple[str, 
                 continue
             dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise GPT2LabError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+                raise GPT2LabError(
+                    f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}"
+                )
             start, end = (int(x) for x in info["data_offsets"])
             tensor = torch.empty(info["shape"], dtype=dtype)
             if end - start != tensor.numel() * tensor.element_size():
-                raise GPT2LabError(f"{path} is corrupt: tensor {name} has the wrong number of bytes")
+                raise GPT2LabError(
+                    f"{path} is corrupt: tensor {name} has the wrong number of bytes"
+                )
             f.seek(base + start)
-            if tensor.numel() and f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
+            if (
+                tensor.numel()
+                and f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start
+            ):
                 raise GPT2LabError(f"{path} is truncated (while reading {name})")
             yield name, tensor
 
@@ -130,7 +144,11 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
     offset = 0
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
@@ -173,12 +191,17 @@ def hub_cache_dir() -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return Path(os.environ[var]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    home = (
+        os.environ.get("HF_HOME")
+        or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    )
     return Path(home).expanduser() / "hub"
 
 
 def _has_weights(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and any((directory / f).is_file() for f in WEIGHT_FILES)
+    return (directory / "config.json").is_file() and any(
+        (directory / f).is_file() for f in WEIGHT_FILES
+    )
 
 
 def _from_hub_cache(repo_ids: list[str]) -> Path | None:
@@ -206,7 +229,9 @@ def _download(repo_id: str) -> Path | None:
     except ImportError:
         return None
     try:
-        path = snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+        path = snapshot_download(
+            repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]
+        )
     except Exception:  # offline, repo missing, ...: report below with instructions
         return None
     return Path(path)
@@ -235,10 +260,10 @@ def resolve(name_or_path: str | os.PathLike | None) -> Path:
             raise GPT2LabError(f"{path} has no weights (looked for {', '.join(WEIGHT_FILES)})")
         return path
     name = str(name_or_path)
-    repo_ids = HUB_REPOS.get(name, [name] if name.count("/") == 1 else [])
+    repo_ids = HUB_REPOS.get(name, [name] if _REPO_ID.fullmatch(name) else [])
     if not repo_ids:
         raise GPT2LabError(
-            f"{name!r} is neither an existing path nor a known model (presets: {', '.join(HUB_REPOS)})"
+            f"{name} does not exist, and is not a known model name (presets: {', '.join(HUB_REPOS)})"
         )
     found = _from_hub_cache(repo_ids) or _download(repo_ids[0])
     if found is None or not _has_weights(found):
@@ -261,13 +286,20 @@ def _shards(directory: Path, single: str) -> list[Path]:
         raise GPT2LabError(f"{index} is not a valid shard index") from None
     for shard in shards:
         if not shard.is_file():
-            raise GPT2LabError(f"shard {shard.name} named in {index.name} is missing from {directory}")
+            raise GPT2LabError(
+                f"shard {shard.name} named in {index.name} is missing from {directory}"
+            )
     return shards
 
 
 def _weight_stream(directory: Path, keep) -> Iterator[tuple[str, torch.Tensor]]:
-    for single, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_bin)):
-        files = [directory / single] if (directory / single).is_file() else _shards(directory, single)
+    for single, reader in (
+        ("model.safetensors", read_safetensors),
+        ("pytorch_model.bin", read_bin),
+    ):
+        files = (
+            [directory / single] if (directory / single).is_file() else _shards(directory, single)
+        )
         if files:
             for path in files:
                 yield from reader(path, keep)
@@ -283,10 +315,38 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return DTYPE_ALIASES[dtype]
 
 
+def stored_dtypes(directory: Path) -> set[str]:
+    """The dtypes of a checkpoint's safetensors files, read from their headers only."""
+    files = (
+        [directory / "model.safetensors"]
+        if (directory / "model.safetensors").is_file()
+        else _shards(directory, "model.safetensors")
+    )
+    dtypes = set()
+    for path in files:
+        with open(path, "rb") as f:
+            header, _ = _read_safetensors_header(path, f)
+        dtypes |= {info["dtype"] for info in header.values()}
+    return dtypes
+
+
+def parse_device(device) -> torch.device:
+    try:
+        device = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise GPT2LabError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GPT2LabError("device cuda was requested but no CUDA GPU is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GPT2LabError("device mps was requested but MPS is not available")
+    return device
+
+
 # ---- load / save -------------------------------------------------------------------
 def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
     """Load a GPT-2 checkpoint: a directory, a preset (`gpt2-medium`), an HF repo id, or
     None for the bundled model. `dtype` defaults to float32; "auto" keeps the file's."""
+    device = parse_device(device)
     directory = resolve(name_or_path)
     cfg = GPT2Config.from_json_file(directory / "config.json")
     want_dtype = torch.float32 if dtype is None else parse_dtype(dtype)
@@ -301,19 +361,25 @@ def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
     for hf_name, tensor in _weight_stream(directory, keep):
         name, transpose = hf_to_ours(hf_name)  # type: ignore[misc]
         if name not in expected:
-            raise GPT2LabError(f"checkpoint has tensor {hf_name!r} but the config has {cfg.n_layers} layers")
+            raise GPT2LabError(
+                f"checkpoint has tensor {hf_name!r} but the config has {cfg.n_layers} layers"
+            )
         want = tuple(expected[name].shape)
         got = tuple(tensor.shape[::-1]) if transpose else tuple(tensor.shape)
         if got != want:
             shape = want[::-1] if transpose else want
-            raise GPT2LabError(f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {shape}")
+            raise GPT2LabError(
+                f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {shape}"
+            )
         if transpose:
             tensor = tensor.T
         state[name] = tensor.to(dtype=want_dtype or tensor.dtype, device=device).contiguous()
         del tensor
     missing = [n for n in expected if n not in state]
     if missing:
-        raise GPT2LabError(f"checkpoint in {directory} is missing {len(missing)} tensors, e.g. {missing[0]}")
+        raise GPT2LabError(
+            f"checkpoint in {directory} is missing {len(missing)} tensors, e.g. {missing[0]}"
+        )
     model.load_state_dict(state, assign=True)
     return model.eval()
 

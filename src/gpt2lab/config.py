@@ -19,7 +19,16 @@ from .errors import GPT2LabError
 
 # Activations we implement, by their HF names. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are all the tanh approximation of GELU.
-ACTIVATIONS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu", "relu", "silu", "swish", "quick_gelu")
+ACTIVATIONS = (
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "gelu",
+    "relu",
+    "silu",
+    "swish",
+    "quick_gelu",
+)
 
 
 @dataclass(frozen=True)
@@ -86,9 +95,13 @@ class GPT2Config:
                 f"config: model_type is {model_type!r}, not 'gpt2'; gpt2lab only runs GPT-2 checkpoints"
             )
         if hf.get("add_cross_attention"):
-            raise GPT2LabError("config: add_cross_attention=True (encoder-decoder GPT-2) is not supported")
+            raise GPT2LabError(
+                "config: add_cross_attention=True (encoder-decoder GPT-2) is not supported"
+            )
         if hf.get("tie_word_embeddings") is False:
-            raise GPT2LabError("config: tie_word_embeddings=False is not supported (GPT-2 ties them)")
+            raise GPT2LabError(
+                "config: tie_word_embeddings=False is not supported (GPT-2 ties them)"
+            )
         # reorder_and_upcast_attn only changes the precision in which attention is
         # computed, not the math, so it is accepted.
         n_embd = hf.get("n_embd", 768)
@@ -103,7 +116,9 @@ class GPT2Config:
                 act_fn=hf.get("activation_function", "gelu_new"),
                 layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
                 scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
-                scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+                scale_attn_by_inverse_layer_idx=bool(
+                    hf.get("scale_attn_by_inverse_layer_idx", False)
+                ),
                 ln_free=bool(hf.get("gpt2lab_ln_free", False)),
                 extra={k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf},
             )

@@ -75,7 +75,9 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for `layer`; return all keys/values so far."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
@@ -251,8 +253,12 @@ class GPT2(HookedModule):
                 position_ids = torch.arange(past, past + T, device=tokens.device).expand(B, T)
             else:  # count real tokens only, so left padding does not shift positions
                 position_ids = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
-        elif position_ids.shape[-1] != T or (position_ids.numel() and int(position_ids.max()) >= self.cfg.n_ctx):
-            raise GPT2LabError(f"position_ids must have {T} positions, each below n_ctx ({self.cfg.n_ctx})")
+        elif position_ids.shape[-1] != T or (
+            position_ids.numel() and int(position_ids.max()) >= self.cfg.n_ctx
+        ):
+            raise GPT2LabError(
+                f"position_ids must have {T} positions, each below n_ctx ({self.cfg.n_ctx})"
+            )
         mask = self._attn_mask(key_mask, T, past, tokens.device)
 
         resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
@@ -292,7 +298,11 @@ class GPT2(HookedModule):
                 return None
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+        if (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != B
+            or attention_mask.shape[1] not in (T, past + T)
+        ):
             raise GPT2LabError(
                 f"attention_mask must be [batch, {T}] or [batch, {past + T}], got {tuple(attention_mask.shape)}"
             )
@@ -343,7 +353,9 @@ class GPT2(HookedModule):
         return tokens
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.cfg.n_ctx, dtype=self.dtype, device=self.device)
+        return KVCache(
+            self.cfg, batch, max_len or self.cfg.n_ctx, dtype=self.dtype, device=self.device
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -361,7 +373,11 @@ class GPT2(HookedModule):
                 if p.dim() == 1:
                     p.fill_(1.0 if name.endswith("weight") else 0.0)  # LayerNorm / biases
                 else:
-                    std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+                    std = (
+                        0.02 / math.sqrt(2 * self.cfg.n_layers)
+                        if name.endswith("c_proj.weight")
+                        else 0.02
+                    )
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
@@ -384,9 +400,15 @@ class GPT2(HookedModule):
     def _qkv(self, which: int, bias: bool) -> torch.Tensor:
         D, H, dh = self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head
         if bias:
-            return self._stack(lambda b: b.attn.c_attn.bias[which * D : (which + 1) * D].view(H, dh))
+            return self._stack(
+                lambda b: b.attn.c_attn.bias[which * D : (which + 1) * D].view(H, dh)
+            )
         return self._stack(
-            lambda b: b.attn.c_attn.weight[which * D : (which + 1) * D].T.reshape(D, H, dh).transpose(0, 1)
+            lambda b: (
+                b.attn.c_attn.weight[which * D : (which + 1) * D]
+                .T.reshape(D, H, dh)
+                .transpose(0, 1)
+            )
         )
 
     W_Q = property(lambda self: self._qkv(0, False))  # [layer, head, d_model, d_head]
@@ -397,13 +419,19 @@ class GPT2(HookedModule):
     b_V = property(lambda self: self._qkv(2, True))
     W_O = property(  # [layer, head, d_head, d_model]
         lambda self: self._stack(
-            lambda b: b.attn.c_proj.weight.T.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+            lambda b: b.attn.c_proj.weight.T.reshape(
+                self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+            )
         )
     )
     b_O = property(lambda self: self._stack(lambda b: b.attn.c_proj.bias))  # [layer, d_model]
-    W_in = property(lambda self: self._stack(lambda b: b.mlp.c_fc.weight.T))  # [layer, d_model, d_mlp]
+    W_in = property(
+        lambda self: self._stack(lambda b: b.mlp.c_fc.weight.T)
+    )  # [layer, d_model, d_mlp]
     b_in = property(lambda self: self._stack(lambda b: b.mlp.c_fc.bias))
-    W_out = property(lambda self: self._stack(lambda b: b.mlp.c_proj.weight.T))  # [layer, d_mlp, d_model]
+    W_out = property(
+        lambda self: self._stack(lambda b: b.mlp.c_proj.weight.T)
+    )  # [layer, d_mlp, d_model]
     b_out = property(lambda self: self._stack(lambda b: b.mlp.c_proj.bias))
 
     @property

@@ -36,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 @lru_cache(maxsize=1)
@@ -71,9 +71,13 @@ class Tokenizer:
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 2) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 2
+    ) -> list[list[int]]:
         if allow_special:
-            return self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special="all")
+            return self._enc.encode_batch(
+                list(texts), num_threads=num_threads, allowed_special="all"
+            )
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -84,7 +88,9 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise GPT2LabError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise GPT2LabError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
         return self._enc.decode_bytes(ids)
 
     def token_bytes(self, token: int) -> bytes:

@@ -1,0 +1,95 @@
+"""The `gpt2lab` command line: one sub-command per job.
+
+Errors a user can cause come out as one line on stderr and exit code 1, never a
+traceback; usage errors are typer's (exit code 2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .errors import GPT2LabError
+
+app = typer.Typer(
+    help="GPT-2, open all the way: run, generate, score, train and look inside it.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "checkpoint directory, preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or HF repo id; default: the bundled model"
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
+    """Sizes, parameter count, dtype and files of a model (reads headers only, not weights)."""
+    from . import checkpoint
+    from .config import PRESETS, GPT2Config
+
+    try:
+        directory = checkpoint.resolve(model)
+    except GPT2LabError as e:
+        if model not in PRESETS:
+            raise
+        directory, cfg, missing = None, GPT2Config.preset(model), str(e)
+    else:
+        cfg, missing = GPT2Config.from_json_file(directory / "config.json"), ""
+    rows = [
+        ("model", model),
+        ("layers", cfg.n_layers),
+        ("d_model", cfg.d_model),
+        ("heads", f"{cfg.n_heads} x d_head {cfg.d_head}"),
+        ("d_mlp", cfg.d_mlp),
+        ("context", cfg.n_ctx),
+        ("vocabulary", cfg.d_vocab),
+        ("activation", cfg.act_fn),
+        ("parameters", f"{cfg.n_params:,} ({cfg.n_params / 1e6:.1f}M)"),
+    ]
+    if directory is None:
+        rows.append(("files", f"not available ({missing})"))
+    else:
+        rows.append(("directory", str(directory)))
+        for f in sorted(directory.iterdir()):
+            if f.is_file():
+                rows.append(("file", f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)"))
+        dtypes = checkpoint.stored_dtypes(directory)
+        if dtypes:
+            rows.append(("stored dtype", ", ".join(sorted(dtypes))))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="text to continue (empty: start from <|endoftext|>)"),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples"),
+    seed: int | None = typer.Option(None, "--seed", help="random seed for sampling"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Continue a prompt and print prompt + continuation."""
+    from .checkpoint import load
+
+    lm = load(model, dtype=dtype, device=device)
+    text = lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    typer.echo(prompt + text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except GPT2LabError as e:
+        typer.echo(f"gpt2lab: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("gpt2lab: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
