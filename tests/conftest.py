@@ -17,7 +17,7 @@ def hf_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # HF initialises LayerNorms to 1/0 and biases to 0: randomise them too
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model

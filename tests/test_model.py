@@ -1,0 +1,308 @@
+"""The forward pass against transformers' GPT2LMHeadModel on the same random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_model
+
+import gpt2lab as gl
+
+
+@pytest.fixture(scope="module")
+def pair(small_ckpt, hf_small):
+    return gl.load(small_ckpt), hf_small
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 50257, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(lengths)
+    ids = tokens(len(lengths), width, seed)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, width - n :] = 1
+        ids[row, : width - n] = 50256
+    return ids, mask
+
+
+@torch.no_grad()
+def test_logits_match_transformers(pair):
+    ours, hf = pair
+    x = tokens(3, 40)
+    diff = (ours(x) - hf(x).logits).abs().max().item()
+    print(f"max |logit diff| vs transformers: {diff:.2e}")
+    assert diff < 1e-4
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_transformers(pair):
+    ours, hf = pair
+    ids, mask = left_padded([7, 19, 12])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    theirs = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+    mine = ours(ids, attention_mask=mask)  # positions derived from the mask
+    real = mask.bool()
+    assert (mine[real] - theirs[real]).abs().max().item() < 1e-4
+    # and each row equals that prompt run alone, unpadded
+    for row in range(3):
+        alone = ours(ids[row, real[row]][None])
+        assert (mine[row, real[row]] - alone[0]).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_kv_cache_steps_equal_full_forward(pair):
+    ours, _ = pair
+    x = tokens(2, 30, seed=5)
+    full = ours(x)
+    cache = ours.new_cache(2, 30)
+    chunks = [ours(x[:, :10], cache=cache)]
+    for t in range(10, 30):
+        chunks.append(ours(x[:, t : t + 1], cache=cache))
+    stepped = torch.cat(chunks, 1)
+    diff = (stepped - full).abs().max().item()
+    print(f"KV-cache vs full forward: {diff:.2e}")
+    assert diff < 1e-5
+
+
+@torch.no_grad()
+def test_kv_cache_with_left_padding(pair):
+    ours, _ = pair
+    ids, mask = left_padded([5, 11], seed=3)
+    extra = tokens(2, 6, seed=4)
+    full_ids = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    full = ours(full_ids, attention_mask=full_mask)
+    cache = ours.new_cache(2, full_ids.shape[1])
+    out = [ours(ids, attention_mask=mask, cache=cache)]
+    for t in range(extra.shape[1]):
+        out.append(ours(extra[:, t : t + 1], cache=cache))  # new tokens only: mask remembered
+    stepped = torch.cat(out, 1)
+    real = full_mask.bool()
+    assert (stepped[real] - full[real]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_close_to_fp32(pair, dtype):
+    ours, _ = pair
+    x = tokens(2, 64, seed=7)
+    ref = ours(x)
+    half = gl.GPT2(ours.cfg)
+    half.load_state_dict(ours.state_dict())
+    logits = half.to(dtype)(x)
+    assert logits.dtype == dtype
+    diff = (logits.float() - ref).abs()
+    scale = ref.abs().mean().item()
+    top_agree = (logits.float().argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(
+        f"{dtype}: max diff {diff.max():.4f}, mean diff {diff.mean():.5f}, mean |logit| {scale:.3f}, "
+        f"argmax agreement {top_agree:.3f}"
+    )
+    eps = 2**-8 if dtype == torch.bfloat16 else 2**-11  # unit roundoff
+    assert diff.mean().item() < 12 * eps * scale
+    assert diff.max().item() < 100 * eps * scale
+    assert top_agree > 0.9
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(scale_attn_by_inverse_layer_idx=True),
+        dict(scale_attn_weights=False, initializer_range=0.05),
+        dict(reorder_and_upcast_attn=True),
+        dict(activation_function="relu"),
+        dict(activation_function="gelu"),
+        dict(n_inner=96),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+@torch.no_grad()
+def test_config_options_keep_parity(tmp_path, overrides):
+    hf = hf_model(seed=2, **overrides)
+    hf.save_pretrained(tmp_path)
+    ours = gl.load(tmp_path)
+    x = tokens(2, 24, seed=9)
+    assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+HOOK_SHAPES = {
+    "hook_embed": "bpd",
+    "hook_pos_embed": "bpd",
+    "ln_final.hook_scale": "bp1",
+    "ln_final.hook_normalized": "bpd",
+    "blocks.{l}.hook_resid_pre": "bpd",
+    "blocks.{l}.hook_resid_mid": "bpd",
+    "blocks.{l}.hook_resid_post": "bpd",
+    "blocks.{l}.hook_attn_out": "bpd",
+    "blocks.{l}.hook_mlp_out": "bpd",
+    "blocks.{l}.ln1.hook_scale": "bp1",
+    "blocks.{l}.ln1.hook_normalized": "bpd",
+    "blocks.{l}.ln2.hook_scale": "bp1",
+    "blocks.{l}.ln2.hook_normalized": "bpd",
+    "blocks.{l}.attn.hook_q": "bphe",
+    "blocks.{l}.attn.hook_k": "bphe",
+    "blocks.{l}.attn.hook_v": "bphe",
+    "blocks.{l}.attn.hook_z": "bphe",
+    "blocks.{l}.attn.hook_attn_scores": "bhpp",
+    "blocks.{l}.attn.hook_pattern": "bhpp",
+    "blocks.{l}.attn.hook_result": "bphd",
+    "blocks.{l}.mlp.hook_pre": "bpm",
+    "blocks.{l}.mlp.hook_post": "bpm",
+}
+
+
+@torch.no_grad()
+def test_every_hook_point_has_its_documented_shape(pair):
+    ours, _ = pair
+    cfg = ours.cfg
+    sizes = {
+        "b": 2,
+        "p": 9,
+        "d": cfg.d_model,
+        "h": cfg.n_heads,
+        "e": cfg.d_head,
+        "m": cfg.d_mlp,
+        "1": 1,
+    }
+    expected = {}
+    for pattern, dims in HOOK_SHAPES.items():
+        for layer in range(cfg.n_layers) if "{l}" in pattern else [None]:
+            expected[pattern.format(l=layer)] = tuple(sizes[c] for c in dims)
+    assert sorted(ours.hook_names()) == sorted(expected)
+
+    seen = {}
+    x = tokens(2, 9, seed=11)
+    plain = ours(x)
+    with ours.hooks(
+        [(lambda name: True, lambda t, hook: seen.__setitem__(hook.name, tuple(t.shape)))]
+    ):
+        hooked = ours(x)
+    assert seen == expected
+    # every slow path taken because of the hooks computes the same thing as the fast one
+    assert (hooked - plain).abs().max().item() < 1e-4
+    assert not any(hp.fns for hp in ours.hook_dict.values())  # removed on exit
+
+
+@torch.no_grad()
+def test_hook_that_returns_a_tensor_changes_the_output(pair, tmp_path):
+    ours, hf = pair
+    x = tokens(2, 16, seed=12)
+    with ours.hooks([("blocks.1.hook_mlp_out", lambda t, hook: torch.zeros_like(t))]):
+        ablated = ours(x)
+    # reference: transformers with layer 1's MLP output projection zeroed
+    hf_ablated = hf_model()
+    with torch.no_grad():
+        hf_ablated.transformer.h[1].mlp.c_proj.weight.zero_()
+        hf_ablated.transformer.h[1].mlp.c_proj.bias.zero_()
+    assert (ablated - hf_ablated(x).logits).abs().max().item() < 1e-4
+    assert (ablated - ours(x)).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_pattern_hook_edits_attention(pair):
+    """Replacing layer 0's pattern by uniform causal attention equals doing it by hand."""
+    ours, _ = pair
+    x = tokens(1, 6, seed=13)
+    T = x.shape[1]
+    uniform = torch.ones(T, T).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    z_seen = {}
+
+    def set_pattern(pattern, hook):
+        return uniform.expand_as(pattern).clone()
+
+    with ours.hooks(
+        [
+            ("blocks.0.attn.hook_pattern", set_pattern),
+            ("blocks.0.attn.hook_v", lambda t, hook: z_seen.__setitem__("v", t)),
+            ("blocks.0.attn.hook_z", lambda t, hook: z_seen.__setitem__("z", t)),
+        ]
+    ):
+        ours(x)
+    expected_z = torch.einsum("qk,bkhe->bqhe", uniform, z_seen["v"])
+    assert (z_seen["z"] - expected_z).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_weight_views_reproduce_hooked_activations(pair):
+    ours, _ = pair
+    x = tokens(1, 8, seed=14)
+    acts = {}
+    names = ["blocks.1.ln1.hook_normalized", "blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
+             "blocks.1.attn.hook_v", "blocks.1.attn.hook_z", "blocks.1.hook_attn_out",
+             "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post",
+             "blocks.0.hook_mlp_out", "ln_final.hook_normalized"]  # fmt: skip
+    with ours.hooks([(n, lambda t, hook: acts.__setitem__(hook.name, t)) for n in names]):
+        logits = ours(x)
+    cfg = ours.cfg
+    assert ours.W_Q.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head)
+    assert ours.W_O.shape == (cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model)
+    assert ours.W_in.shape == (cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    assert ours.W_out.shape == (cfg.n_layers, cfg.d_mlp, cfg.d_model)
+    assert ours.W_U.shape == (cfg.d_model, cfg.d_vocab) and ours.W_E.shape == (
+        cfg.d_vocab,
+        cfg.d_model,
+    )
+    assert ours.W_pos.shape == (cfg.n_ctx, cfg.d_model)
+    ln1 = acts["blocks.1.ln1.hook_normalized"]
+    for name, W, b in (
+        ("q", ours.W_Q, ours.b_Q),
+        ("k", ours.W_K, ours.b_K),
+        ("v", ours.W_V, ours.b_V),
+    ):
+        ref = torch.einsum("bpd,hde->bphe", ln1, W[1]) + b[1]
+        assert (ref - acts[f"blocks.1.attn.hook_{name}"]).abs().max().item() < 1e-4
+    attn_out = (
+        torch.einsum("bphe,hed->bpd", acts["blocks.1.attn.hook_z"], ours.W_O[1]) + ours.b_O[1]
+    )
+    assert (attn_out - acts["blocks.1.hook_attn_out"]).abs().max().item() < 1e-4
+    pre = acts["blocks.0.ln2.hook_normalized"] @ ours.W_in[0] + ours.b_in[0]
+    assert (pre - acts["blocks.0.mlp.hook_pre"]).abs().max().item() < 1e-4
+    out = acts["blocks.0.mlp.hook_post"] @ ours.W_out[0] + ours.b_out[0]
+    assert (out - acts["blocks.0.hook_mlp_out"]).abs().max().item() < 1e-4
+    assert (
+        acts["ln_final.hook_normalized"] @ ours.W_U + ours.b_U - logits
+    ).abs().max().item() < 1e-4
+    # the views are copies: editing one leaves the model alone
+    ours.W_Q.zero_()
+    assert ours.W_Q.abs().sum() > 0
+
+
+def test_bad_tokens_and_lengths_are_clear_errors(pair):
+    ours, _ = pair
+    with pytest.raises(gl.GPT2LabError, match="50257 is outside the vocabulary"):
+        ours(torch.tensor([[1, 2, 50257]]))
+    with pytest.raises(gl.GPT2LabError, match="outside the vocabulary"):
+        ours(torch.tensor([[-1]]))
+    with pytest.raises(gl.GPT2LabError, match="longer than the model's context"):
+        ours(torch.zeros(1, ours.cfg.n_ctx + 1, dtype=torch.long))
+    with pytest.raises(gl.GPT2LabError, match="integer tensor"):
+        ours(torch.zeros(1, 4))
+    with pytest.raises(gl.GPT2LabError, match="attention_mask"):
+        ours(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
+    cache = ours.new_cache(1, 8)
+    ours(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(gl.GPT2LabError, match="KV cache"):
+        ours(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_gpt2_medium_dimensions_match_transformers(tmp_path):
+    hf = hf_model(
+        seed=3, n_layer=24, n_embd=1024, n_head=16, n_positions=1024, initializer_range=0.02
+    )
+    hf.save_pretrained(tmp_path)
+    ours = gl.load(tmp_path)
+    x = tokens(1, 256, seed=15)
+    diff = (ours(x) - hf(x).logits).abs().max().item()
+    print(f"gpt2-medium size: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+    ids, mask = left_padded([100, 37], seed=16)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    theirs = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+    assert (ours(ids, attention_mask=mask)[real] - theirs[real]).abs().max().item() < 1e-4
