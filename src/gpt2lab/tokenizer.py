@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
@@ -74,6 +75,8 @@ class Tokenizer:
     def encode_batch(
         self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 2
     ) -> list[list[int]]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise GPT2LabError("encode_batch expects a list of strings")
         if allow_special:
             return self._enc.encode_batch(
                 list(texts), num_threads=num_threads, allowed_special="all"
@@ -85,7 +88,10 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = [int(i) for i in ids]
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise GPT2LabError("decode expects a sequence of integer token ids") from None
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise GPT2LabError(
