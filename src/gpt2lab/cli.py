@@ -6,6 +6,7 @@ traceback; usage errors are typer's (exit code 2).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -78,6 +79,49 @@ def generate(
     lm = load(model, dtype=dtype, device=device)
     text = lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     typer.echo(prompt + text)
+
+
+@app.command()
+def prepare(
+    inputs: list[str] = typer.Argument(..., help="text files, folders, or JSONL files"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory for the shards"),
+    field: str = typer.Option("text", "--field", help="JSONL field holding the text"),
+    val_fraction: float = typer.Option(
+        0.05, "--val-fraction", help="share of documents for validation"
+    ),
+    shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="tokens per shard file"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
+) -> None:
+    """Tokenize a corpus into uint16 train/val token shards plus a manifest."""
+    from .training.data import prepare as run_prepare
+
+    manifest = run_prepare(
+        inputs, out, field=field, val_fraction=val_fraction, shard_tokens=shard_tokens, seed=seed
+    )
+    tokens, docs = manifest["tokens"], manifest["documents"]
+    typer.echo(
+        f"{out}: train {tokens['train']:,} tokens ({docs['train']} documents), "
+        f"val {tokens['val']:,} tokens ({docs['val']} documents)"
+    )
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="run configuration (TOML)"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override a setting: section.key=value (repeatable)"
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue from the latest checkpoint in out_dir"
+    ),
+) -> None:
+    """Train from scratch or fine-tune a checkpoint (torchrun for several processes)."""
+    from .training.config import load_config
+    from .training.trainer import train as run_train
+
+    final = run_train(load_config(config, set_), resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"final model: {final}")
 
 
 def main(argv: list[str] | None = None) -> None:

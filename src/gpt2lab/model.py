@@ -95,22 +95,29 @@ class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens' `hook_scale` and `hook_normalized`.
 
     The fused kernel runs unless a hook is attached; then the same math runs step by
-    step so the scale and the normalised output can be read or replaced.
+    step so the scale and the normalised output can be read or replaced. With
+    `fixed_scale` set (LayerNorm removal) the live std is replaced by that constant:
+    the layer only centres and applies an affine map, a linear function of its input.
     """
 
-    def __init__(self, d: int, eps: float):
+    def __init__(self, d: int, eps: float, fixed_scale: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
         self.eps = eps
+        self.fixed_scale = fixed_scale
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.hook_scale.fns or self.hook_normalized.fns):
+        if self.fixed_scale is None and not (self.hook_scale.fns or self.hook_normalized.fns):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        if self.fixed_scale is None:
+            scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        else:
+            scale = torch.full_like(x[..., :1], self.fixed_scale)
+        scale = self.hook_scale(scale)
         return self.hook_normalized(x / scale * self.weight + self.bias)
 
 
@@ -179,9 +186,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
-        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        fixed = (
+            1.0 if cfg.ln_free else None
+        )  # an LN-free model has its scales folded into the weights
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps, fixed)
         self.attn = Attention(cfg, layer)
-        self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps, fixed)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
@@ -213,7 +223,7 @@ class GPT2(HookedModule):
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps, 1.0 if cfg.ln_free else None)
         self.setup_hooks()
 
     # ---- forward ---------------------------------------------------------------------
