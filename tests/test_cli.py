@@ -1,0 +1,271 @@
+"""The `gpt2lab` command line: `info` and `generate` against references, and user errors
+as one line on stderr with exit code 1 (the main cases run as real `python -m gpt2lab`
+subprocesses, so the exit code and stderr are the ones a user sees; more cases go
+in-process through the same `main`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import gpt2lab
+from gpt2lab.cli import app, main
+from gpt2lab.tokenizer import Tokenizer
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def offline_home(tmp_path_factory) -> Path:
+    """An empty HF_HOME, so nothing here can use a real cache or the network."""
+    return tmp_path_factory.mktemp("empty_hf_home")
+
+
+@pytest.fixture
+def offline(monkeypatch, offline_home):
+    monkeypatch.setenv("HF_HOME", str(offline_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+    }
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    return env
+
+
+def run_cli_many(jobs: dict[str, list[str]], home: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Run `python -m gpt2lab ARGS` for every job at once (each spends most of its time
+    importing torch) and collect the exit codes and outputs."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "gpt2lab", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=cli_env(home),
+        )
+        for name, args in jobs.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def fields(output: str) -> dict[str, list[str]]:
+    """`key  value` rows of `gpt2lab info` (a key may repeat, e.g. `file`)."""
+    rows: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        key, _, value = re.split(r"(\s{2,})", line.strip(), maxsplit=1)
+        rows.setdefault(key, []).append(value.strip())
+    return rows
+
+
+def hf_param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+
+
+# ---- 7. info ------------------------------------------------------------------------
+def test_info_of_a_directory(small_ckpt, hf_small, offline):
+    result = invoke("info", str(small_ckpt))
+    assert result.exit_code == 0, result.output
+    rows = fields(result.output)
+    assert rows["layers"] == ["2"]
+    assert rows["d_model"] == ["64"]
+    assert rows["context"] == ["128"]
+    assert rows["vocabulary"] == ["50257"]
+    count = hf_param_count(hf_small)
+    assert rows["parameters"][0].split()[0] == f"{count:,}"
+    assert rows["directory"] == [str(small_ckpt)]
+    names = {f.split(" (")[0] for f in rows["file"]}
+    assert names == {p.name for p in small_ckpt.iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors"} <= names
+    size = (small_ckpt / "model.safetensors").stat().st_size / 2**20
+    assert f"model.safetensors ({size:.1f} MiB)" in rows["file"]
+    assert rows["stored dtype"] == ["F32"]
+
+
+def test_info_shows_bf16_dtype(small_ckpt, tmp_path, offline):
+    gpt2lab.load(small_ckpt, dtype="bfloat16").save(tmp_path)
+    result = invoke("info", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert fields(result.output)["stored dtype"] == ["BF16"]
+
+
+def test_info_of_a_preset_offline_without_cache(offline, offline_home):
+    assert not any(offline_home.iterdir())
+    result = invoke("info", "gpt2-medium")
+    assert result.exit_code == 0, result.output
+    rows = fields(result.output)
+    assert rows["layers"] == ["24"]
+    assert rows["d_model"] == ["1024"]
+    assert rows["heads"][0].startswith("16 ")
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=24, n_embd=1024, n_head=16)
+        )
+    assert rows["parameters"][0].split()[0] == f"{hf_param_count(hf):,}"
+    assert "not available" in rows["files"][0]
+    assert str(offline_home / "hub") in rows["files"][0]
+
+
+# ---- 8. generate -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_continuation(hf_small) -> str:
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        out = hf_small.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tok.eot_token,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    assert len(new) == 8 or tok.eot_token in new
+    if tok.eot_token in new:  # both stop at <|endoftext|>
+        new = new[: new.index(tok.eot_token)]
+    return tok.decode(new)
+
+
+def test_generate_greedy_matches_library_and_transformers(small_ckpt, hf_continuation, offline):
+    library = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=8)
+    assert library == hf_continuation
+    assert library  # something was generated
+    result = invoke("generate", PROMPT, "--model", str(small_ckpt), "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert result.output == PROMPT + hf_continuation + "\n"
+
+
+def test_generate_sampling_is_seeded(small_ckpt, offline):
+    args = ["generate", PROMPT, "--model", str(small_ckpt), "-n", "8"]
+    first = invoke(*args, "--temperature", "0.8", "--seed", "3")
+    second = invoke(*args, "--temperature", "0.8", "--seed", "3")
+    assert first.exit_code == 0 and second.exit_code == 0, first.output
+    assert first.output == second.output
+    expected = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=8, temperature=0.8, seed=3)
+    assert first.output == PROMPT + expected + "\n"
+    # a different seed samples from the same distribution with other draws
+    others = {invoke(*args, "--temperature", "0.8", "--seed", str(s)).output for s in (4, 5)}
+    assert others - {first.output}
+
+
+# ---- 9. errors ---------------------------------------------------------------------------
+# (args, words the message must contain); `{name}` is a path from `error_paths`.
+ERROR_CASES = {
+    "missing-model": (["generate", "hi", "--model", "{missing}"], "does not exist"),
+    "truncated": (["generate", "hi", "--model", "{truncated}"], "truncated"),
+    "bad-dtype": (["generate", "hi", "--model", "{small}", "--dtype", "nonsense"], "nonsense"),
+    "cuda": (["generate", "hi", "--model", "{small}", "--device", "cuda"], "cuda"),
+    "too-long": (["generate", "hi", "--model", "{small}", "-n", "128"], "context"),
+}
+# The same handler, run in-process through `gpt2lab.cli.main` (a subprocess costs seconds).
+MORE_ERROR_CASES = {
+    "info-missing-model": (["info", "{missing}"], "does not exist"),
+    "info-truncated": (["info", "{truncated}"], "truncated"),
+    "bad-device": (["generate", "hi", "--model", "{small}", "--device", "tpu9"], "tpu9"),
+    "long-prompt": (["generate", "word " * 130, "--model", "{small}", "-n", "1"], "context"),
+    "bad-max-new-tokens": (["generate", "hi", "--model", "{small}", "-n", "0"], "max_new_tokens"),
+    "bad-config": (["generate", "hi", "--model", "{llama}"], "llama"),
+}
+
+
+@pytest.fixture(scope="module")
+def error_paths(small_ckpt, tmp_path_factory) -> dict[str, str]:
+    truncated = tmp_path_factory.mktemp("truncated")
+    shutil.copy(small_ckpt / "config.json", truncated / "config.json")
+    data = (small_ckpt / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    llama = tmp_path_factory.mktemp("llama")
+    shutil.copy(small_ckpt / "model.safetensors", llama / "model.safetensors")
+    cfg = json.loads((small_ckpt / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    return {
+        "missing": str(tmp_path_factory.mktemp("gone") / "nope"),
+        "truncated": str(truncated),
+        "llama": str(llama),
+        "small": str(small_ckpt),
+    }
+
+
+def fill(args: list[str], paths: dict[str, str]) -> list[str]:
+    return [a.format(**paths) if a.startswith("{") else a for a in args]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(error_paths, offline_home) -> dict[str, subprocess.CompletedProcess]:
+    """The error cases as real `python -m gpt2lab` processes, run concurrently once."""
+    jobs = {name: fill(args, error_paths) for name, (args, _) in ERROR_CASES.items()}
+    return run_cli_many(jobs, offline_home)
+
+
+def assert_one_line_error(rc: int, out: str, err: str, words: str) -> None:
+    assert rc == 1, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gpt2lab: error: ")
+    assert words in lines[0]
+    assert "Traceback" not in out + err
+    assert out == ""
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line(case, cli_runs):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
+    result = cli_runs[case]
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, ERROR_CASES[case][1])
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    out, err = capsys.readouterr()
+    return excinfo.value.code, out, err
+
+
+@pytest.mark.parametrize("case", list(MORE_ERROR_CASES))
+def test_more_user_errors_are_one_line(case, error_paths, offline, capsys):
+    args, words = MORE_ERROR_CASES[case]
+    assert_one_line_error(*run_main(fill(args, error_paths), capsys), words)
+
+
+def test_main_exits_0_on_success(small_ckpt, offline, capsys):
+    rc, out, err = run_main(["info", str(small_ckpt)], capsys)
+    assert rc == 0 and "layers" in out and err == ""
+
+
+def test_usage_error_is_typers(offline, capsys):
+    rc, out, err = run_main(["generate"], capsys)  # no prompt
+    assert rc == 2
+    assert "Traceback" not in out + err
+    assert "Missing argument 'prompt'" in err
