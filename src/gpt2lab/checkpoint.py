@@ -16,6 +16,7 @@ Saving writes `config.json` + `model.safetensors` that
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -111,10 +112,21 @@ def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_safetensors(path: Path, keep=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, each read directly into its own buffer."""
+def read_safetensors(
+    path: Path, keep=lambda name: True, transient=lambda name, dtype: False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, each read straight from the file into memory.
+
+    A tensor the caller will copy anyway (to transpose or convert it) is read into one
+    scratch buffer shared by all such tensors, valid until the next one is yielded: no
+    buffer is ever freed, so the allocator cannot strand freed pages and the peak
+    resident set stays near the size of the weights.
+    """
     with open(path, "rb") as f:
         header, base = _read_safetensors_header(path, f)
+        sizes = [int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in header.items()
+                 if keep(k) and transient(k, SAFETENSORS_DTYPES.get(v.get("dtype")))]  # fmt: skip
+        scratch = torch.empty(max(sizes, default=0), dtype=torch.uint8)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if not keep(name):
                 continue
@@ -124,11 +136,17 @@ def read_safetensors(path: Path, keep=lambda name: True) -> Iterator[tuple[str, 
                     f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}"
                 )
             start, end = (int(x) for x in info["data_offsets"])
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            if end - start != tensor.numel() * tensor.element_size():
+            numel = math.prod(info["shape"])
+            if end - start != numel * dtype.itemsize:
                 raise GPT2LabError(
                     f"{path} is corrupt: tensor {name} has the wrong number of bytes"
                 )
+            if transient(name, dtype):
+                if scratch.numel() < end - start:
+                    scratch = torch.empty(end - start, dtype=torch.uint8)
+                tensor = scratch[: end - start].view(dtype).view(info["shape"])
+            else:
+                tensor = torch.empty(info["shape"], dtype=dtype)
             f.seek(base + start)
             if (
                 tensor.numel()
@@ -160,7 +178,9 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
 
 
 # ---- .bin (pickle), refusing anything but tensors --------------------------------------
-def read_bin(path: Path, keep=lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
+def read_bin(
+    path: Path, keep=lambda name: True, transient=None
+) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -292,7 +312,7 @@ def _shards(directory: Path, single: str) -> list[Path]:
     return shards
 
 
-def _weight_stream(directory: Path, keep) -> Iterator[tuple[str, torch.Tensor]]:
+def _weight_stream(directory: Path, keep, transient) -> Iterator[tuple[str, torch.Tensor]]:
     for single, reader in (
         ("model.safetensors", read_safetensors),
         ("pytorch_model.bin", read_bin),
@@ -302,7 +322,7 @@ def _weight_stream(directory: Path, keep) -> Iterator[tuple[str, torch.Tensor]]:
         )
         if files:
             for path in files:
-                yield from reader(path, keep)
+                yield from reader(path, keep, transient)
             return
     raise GPT2LabError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)})")
 
@@ -357,8 +377,13 @@ def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
     def keep(hf_name: str) -> bool:
         return hf_to_ours(hf_name) is not None
 
+    def transient(hf_name: str, stored: torch.dtype | None) -> bool:
+        """Whether the file's tensor is only a source to copy from (see read_safetensors)."""
+        transpose = hf_to_ours(hf_name)[1]  # type: ignore[index]
+        return transpose or device.type != "cpu" or want_dtype not in (None, stored)
+
     state: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in _weight_stream(directory, keep):
+    for hf_name, tensor in _weight_stream(directory, keep, transient):
         name, transpose = hf_to_ours(hf_name)  # type: ignore[misc]
         if name not in expected:
             raise GPT2LabError(
@@ -371,9 +396,11 @@ def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
             raise GPT2LabError(
                 f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {shape}"
             )
-        if transpose:
-            tensor = tensor.T
-        state[name] = tensor.to(dtype=want_dtype or tensor.dtype, device=device).contiguous()
+        if transient(hf_name, tensor.dtype):
+            dest = torch.empty(want, dtype=want_dtype or tensor.dtype, device=device)
+            state[name] = dest.copy_(tensor.T if transpose else tensor)
+        else:
+            state[name] = tensor.contiguous()
         del tensor
     missing = [n for n in expected if n not in state]
     if missing:
