@@ -305,7 +305,11 @@ class Trainer:
 
 
 def _peak_flops(device: torch.device, dtype: str) -> float:
-    """The device's measured matmul speed: the denominator of MFU."""
+    """The device's measured matmul speed: the denominator of MFU.
+
+    CPUs have no single datasheet peak (it depends on the vector units, clocks and the
+    dtype's kernel), so MFU here is relative to a large square matmul, best of 5, at
+    start: a busy machine at that moment inflates every MFU of the run."""
     dt = (
         torch.bfloat16
         if dtype == "bfloat16"
@@ -313,10 +317,11 @@ def _peak_flops(device: torch.device, dtype: str) -> float:
         if dtype == "float16"
         else torch.float32
     )
-    n = 1024 if device.type == "cpu" else 8192
+    n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dt)
+    a @ a  # the first call also builds the kernel (oneDNN primitives for bf16 on a CPU)
     best = math.inf
-    for _ in range(3):
+    for _ in range(5):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
