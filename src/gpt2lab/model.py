@@ -397,6 +397,26 @@ class GPT2(HookedModule):
 
         return generate(self, prompt, **options)
 
+    def stream(self, prompt: str, **options: Any):
+        from .generation import stream
+
+        return stream(self, prompt, **options)
+
+    def score(self, text: Any, **options: Any):
+        from .scoring import score
+
+        return score(self, text, **options)
+
+    def perplexity(self, text: Any, **options: Any) -> float:
+        from .scoring import perplexity
+
+        return perplexity(self, text, **options)
+
+    def choose(self, context: str, options: list[str], **kwargs: Any):
+        from .scoring import choose
+
+        return choose(self, context, options, **kwargs)
+
     def save(self, directory: str) -> None:
         from .checkpoint import save
 
