@@ -269,3 +269,31 @@ def test_usage_error_is_typers(offline, capsys):
     assert rc == 2
     assert "Traceback" not in out + err
     assert "Missing argument 'prompt'" in err
+
+
+# ---- 9. score and streaming ------------------------------------------------------------
+def test_score_prints_transformers_perplexity(small_ckpt, hf_small, tmp_path, offline):
+    text = "The cat sat on the mat. It was a sunny day, and the cat was happy."
+    ids = [50256] + Tokenizer().encode(text)  # --bos (the default): <|endoftext|> as context
+    with torch.no_grad():
+        logits = hf_small(torch.tensor([ids])).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    (tmp_path / "t.txt").write_text(text)
+    for arg in (text, f"@{tmp_path / 't.txt'}"):
+        result = invoke("score", arg, "--model", str(small_ckpt), "--words")
+        assert result.exit_code == 0, result.output
+        ppl = float(re.search(r"perplexity ([\d.]+)", result.output).group(1))
+        assert abs(ppl - torch.tensor(nll).exp().item()) / ppl < 1e-4
+        assert f"{len(ids) - 1} tokens scored" in result.output
+    with pytest.raises(gpt2lab.GPT2LabError, match="does not exist"):
+        invoke("score", f"@{tmp_path / 'nope.txt'}", "--model", str(small_ckpt))
+
+
+def test_generate_stream_prints_the_same_text(small_ckpt, offline):
+    args = ["generate", PROMPT, "--model", str(small_ckpt), "-n", "12", "-t", "0.9", "--seed", "5"]
+    plain = invoke(*args)
+    streamed = invoke(*args, "--stream")
+    assert plain.exit_code == streamed.exit_code == 0
+    assert streamed.output == plain.output
+    expected = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=12, temperature=0.9, seed=5)
+    assert plain.output == PROMPT + expected + "\n"

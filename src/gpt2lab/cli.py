@@ -68,17 +68,109 @@ def generate(
     prompt: str = typer.Argument(..., help="text to continue (empty: start from <|endoftext|>)"),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples"),
+    temperature: float | None = typer.Option(
+        None, "--temperature", "-t", help="> 0 samples; 0 = greedy"
+    ),
+    top_k: int | None = typer.Option(None, "--top-k", help="sample from the k most likely tokens"),
+    top_p: float | None = typer.Option(None, "--top-p", help="nucleus sampling mass, in (0, 1]"),
+    min_p: float | None = typer.Option(
+        None, "--min-p", help="drop tokens below min_p x the top probability"
+    ),
+    typical_p: float | None = typer.Option(
+        None, "--typical-p", help="locally typical sampling mass"
+    ),
+    epsilon_cutoff: float | None = typer.Option(
+        None, "--epsilon-cutoff", help="drop tokens below this probability"
+    ),
+    eta_cutoff: float | None = typer.Option(
+        None, "--eta-cutoff", help="entropy-dependent cutoff (eta sampling)"
+    ),
+    repetition_penalty: float | None = typer.Option(
+        None, "--repetition-penalty", help="> 1 discourages repeats (CTRL)"
+    ),
+    frequency_penalty: float | None = typer.Option(
+        None, "--frequency-penalty", help="subtract count x this (OpenAI)"
+    ),
+    presence_penalty: float | None = typer.Option(
+        None, "--presence-penalty", help="subtract this once a token appeared"
+    ),
+    no_repeat_ngram_size: int | None = typer.Option(
+        None, "--no-repeat-ngram-size", help="never repeat an n-gram"
+    ),
+    min_new_tokens: int | None = typer.Option(
+        None, "--min-new-tokens", help="no end-of-text before this many"
+    ),
+    num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams"),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="beam score / length**this"),
+    stop: list[str] = typer.Option([], "--stop", help="stop at this string (repeatable)"),
+    max_time: float | None = typer.Option(None, "--max-time", help="stop after this many seconds"),
     seed: int | None = typer.Option(None, "--seed", help="random seed for sampling"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Continue a prompt and print prompt + continuation."""
     from .checkpoint import load
 
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens, stop=stop or None, max_time=max_time, seed=seed,
+    )  # fmt: skip
+    options = {k: v for k, v in options.items() if v is not None}
+    if num_beams != 1:
+        options.update(num_beams=num_beams, length_penalty=length_penalty)
     lm = load(model, dtype=dtype, device=device)
-    text = lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    typer.echo(prompt + text)
+    if stream:
+        typer.echo(prompt, nl=False)
+        for piece in lm.stream(prompt, **options):
+            typer.echo(piece, nl=False)
+        typer.echo()
+    else:
+        typer.echo(prompt + lm.generate(prompt, **options))
+
+
+@app.command()
+def score(
+    text: str = typer.Argument(..., help="the text to score, or @FILE to read it from a file"),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    stride: int | None = typer.Option(
+        None, "--stride", help="sliding-window stride (default: the context)"
+    ),
+    tokens: bool = typer.Option(False, "--tokens", help="also print a per-token table"),
+    words: bool = typer.Option(False, "--words", help="also print a per-word surprisal table"),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="prepend <|endoftext|> as context"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Perplexity of a text (HF's sliding window), with per-token or per-word surprisal."""
+    from pathlib import Path
+
+    from .checkpoint import load
+
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise GPT2LabError(f"{path} does not exist or is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise GPT2LabError(f"{path} is not UTF-8 text") from None
+    lm = load(model, dtype=dtype, device=device)
+    ppl, nll, n = lm.perplexity(text, stride=stride, bos=bos, return_details=True)
+    typer.echo(f"perplexity {ppl:.4f}  ({n} tokens scored, mean NLL {nll / n:.4f} nats)")
+    if tokens or words:
+        scored = lm.score(text, bos=bos)
+        if tokens:
+            typer.echo("\n  pos  token                 logprob  surprisal (bits)")
+            for i, (tok, lp) in enumerate(zip(scored.strings, scored.logprobs, strict=True)):
+                typer.echo(f"{i:5d}  {tok!r:20.20}  {lp:9.4f}  {-lp / 0.6931471805599453:9.3f}")
+        if words:
+            typer.echo("\nword                  surprisal (bits)")
+            for w in scored.words():
+                typer.echo(f"{w.text!r:20.20}  {w.surprisal:9.3f}")
 
 
 @app.command()

@@ -3,6 +3,6 @@
 The model knows nothing about generation; these functions take a model and call it.
 """
 
-from .generate import GenerationResult, generate
+from .generate import GenerationResult, generate, stream
 
-__all__ = ["GenerationResult", "generate"]
+__all__ = ["GenerationResult", "generate", "stream"]
