@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import print_machine
 
 import gpt2lab
 
@@ -276,24 +276,6 @@ def load_memory(directory: Path) -> None:
     )
 
 
-# ---- 4. machine --------------------------------------------------------------------------
-def machine_info(load_at_start: float) -> None:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    print("## Machine\n")
-    print(f"- CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    print(f"- torch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
-    print(f"- torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"- gpt2lab {gpt2lab.__version__}, Python {platform.python_version()}")
-    print(f"- load average (1 min): {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 128 tokens, 2 rounds")
@@ -328,7 +310,7 @@ def main() -> None:
         del ours, theirs
         hook_overhead(directory, tokens, max(2, math.ceil(rounds / 2)))
         load_memory(directory)
-    machine_info(load_at_start)
+    print_machine(f"load average (1 min) at start: {load_at_start:.2f}")
 
 
 if __name__ == "__main__":

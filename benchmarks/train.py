@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -77,6 +76,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from machine import print_machine
 from torch.profiler import ProfilerActivity, record_function
 
 import gpt2lab
@@ -301,31 +301,6 @@ PHASES = ["forward", "loss", "backward", "clip", "optimizer.step", "zero_grad"]
 
 
 # ---- reporting -----------------------------------------------------------------------------
-def machine_info() -> None:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    print("## Machine\n")
-    print(f"- CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    print(f"- torch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
-    print(f"- torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"- gpt2lab {gpt2lab.__version__}, Python {platform.python_version()}")
-    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    print(f"- malloc settings: {malloc or 'glibc defaults'}")
-    try:
-        load = os.getloadavg()
-        print(
-            f"- load average (1, 5, 15 min) at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
-        )
-    except OSError:
-        pass
-
-
 def report(results: list[dict], fpt: float, args) -> None:
     print("\n## Results\n")
     print(
@@ -404,7 +379,8 @@ def main() -> None:
         del ours
         results = [run_mode(mode, directory, hf_init, batches, args) for mode in modes]
     report(results, fpt, args)
-    machine_info()
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    print_machine(f"malloc settings: {malloc or 'glibc defaults'}")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,20 @@ class Block(nn.Module):
         return self.hook_resid_post(resid + mlp_out)
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one [batch, pos] tensor padded on the left, and its 0/1 mask.
+
+    Left, so that every row's last token sits in the last column: that is where the
+    next-token logits are read and where generation appends."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return tokens, mask
+
+
 class GPT2(HookedModule):
     """GPT-2 with TransformerLens hook points and a KV cache.
 
@@ -351,12 +365,7 @@ class GPT2(HookedModule):
         """Tokenize text (left-padded for a list), as a [batch, pos] tensor on the model's device."""
         texts = [text] if isinstance(text, str) else list(text)
         ids = [self.tokenizer.encode(t) or [self.tokenizer.eot_token] for t in texts]
-        width = max(len(x) for x in ids)
-        tokens = torch.full((len(ids), width), self.tokenizer.eot_token, dtype=torch.long)
-        mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for row, x in enumerate(ids):
-            tokens[row, width - len(x) :] = torch.tensor(x)
-            mask[row, width - len(x) :] = 1
+        tokens, mask = left_pad(ids, self.tokenizer.eot_token)
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         if return_mask:
             return tokens, (None if bool(mask.all()) else mask)

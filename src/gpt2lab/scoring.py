@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .errors import GPT2LabError
+from .model import left_pad
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -76,12 +77,7 @@ def token_logprobs(
             raise GPT2LabError(f"a continuation must have 1..{n_ctx} tokens, got {len(cont)}")
         rows.append((list(prefix) + list(cont))[-(n_ctx + 1) :][:-1])
 
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), model.tokenizer.eot_token, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    tokens, mask = left_pad(rows, model.tokenizer.eot_token)
     padded = not bool(mask.all())
     keep = max(len(c) for c in continuations)
     logits = model(
