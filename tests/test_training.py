@@ -65,7 +65,15 @@ def corpus(tmp_path_factory) -> Path:
 
 def run_config(tmp_path, corpus, *extra):
     return load_config(
-        None, [*TINY, *QUIET, f"data.dir='{corpus}'", f"train.out_dir='{tmp_path}'", *extra]
+        None,
+        [
+            *TINY,
+            *QUIET,
+            "train.seq_len=32",
+            f"data.dir='{corpus}'",
+            f"train.out_dir='{tmp_path}'",
+            *extra,
+        ],  # fmt: skip
     )
 
 
@@ -373,7 +381,15 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, corpus):
                              "train.batch_size=2", "train.seq_len=16"))  # fmt: skip
     with pytest.raises(gl.GPT2LabError, match="another model shape"):
         trainer.train(
-            run_config(tmp_path, corpus, "model.n_layers=3", "train.max_steps=4"), resume=True
+            run_config(
+                tmp_path,
+                corpus,
+                "model.n_layers=3",
+                "train.max_steps=4",
+                "train.batch_size=2",
+                "train.seq_len=16",
+            ),
+            resume=True,
         )
     with pytest.raises(gl.GPT2LabError, match="no checkpoint"):
         trainer.train(run_config(tmp_path / "fresh", corpus), resume=True)
