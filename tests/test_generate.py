@@ -166,3 +166,24 @@ def test_beam_search_through_generate_matches_transformers(ours, hf_small, lengt
     assert result.tokens == expect
     with pytest.raises(GPT2LabError, match="num_beams"):
         ours.generate("Hello", num_beams=0)
+
+
+@pytest.mark.slow
+def test_greedy_and_beam_at_gpt2_medium_size_match_transformers(tmp_path):
+    from conftest import hf_model
+
+    hf = hf_model(
+        seed=4, n_layer=24, n_embd=1024, n_head=16, n_positions=1024, initializer_range=0.02
+    )
+    hf.save_pretrained(tmp_path)
+    ours = gpt2lab.load(tmp_path)
+    greedy = ours.generate(PROMPTS, max_new_tokens=64, return_result=True).tokens
+    assert greedy == hf_new_tokens(hf, PROMPTS, 64, do_sample=False)
+    for length_penalty in (1.0, 0.6):
+        beams = ours.generate(
+            PROMPTS, max_new_tokens=64, num_beams=4, length_penalty=length_penalty,
+            return_result=True,
+        ).tokens  # fmt: skip
+        assert beams == hf_new_tokens(
+            hf, PROMPTS, 64, do_sample=False, num_beams=4, length_penalty=length_penalty
+        )
