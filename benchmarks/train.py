@@ -18,10 +18,11 @@ with bfloat16 autocast, for
 
 Method
 - Same step, same code: one function (`train_step`) runs both sides; only the model's
-  forward call and the optimizer differ. It is the trainer's step: lr from
+  forward call, the loss function and the optimizer differ: gpt2lab's trainer uses
+  `gpt2lab.training.loss.cross_entropy` (in place on the logits), the transformers
+  loop `F.cross_entropy(logits.float().flatten(0, 1), y.flatten())`. It is the trainer's step: lr from
   `gpt2lab.training.optim.lr_at` -> forward (under `torch.autocast("cpu", bfloat16)`
-  in bf16 mode) -> `F.cross_entropy(logits.float().flatten(0, 1), y.flatten())` ->
-  backward -> `loss.item()` -> clip_grad_norm_(1.0) -> optimizer.step() ->
+  in bf16 mode) -> the loss -> backward -> `loss.item()` -> clip_grad_norm_(1.0) -> optimizer.step() ->
   zero_grad(set_to_none=True).
 - Same hyperparameters: AdamW lr 6e-4 (no warmup, cosine over 1000 steps, so ~6e-4
   throughout), betas (0.9, 0.95), weight decay 0.1 on matrices (dim >= 2: linear
@@ -81,6 +82,7 @@ from torch.profiler import ProfilerActivity, record_function
 
 import gpt2lab
 from gpt2lab.training.config import TrainConfig
+from gpt2lab.training.loss import cross_entropy
 from gpt2lab.training.optim import lr_at, make_optimizer
 
 N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_CTX = 6, 384, 6, 50257, 256
@@ -154,6 +156,7 @@ class Side:
     model: torch.nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]  # tokens -> logits
     optimizer: torch.optim.Optimizer
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> mean CE
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -162,12 +165,13 @@ def build_sides(directory: Path, hf_init: torch.nn.Module, cfg: TrainConfig) -> 
     ours = gpt2lab.load(directory).train()
     theirs = copy.deepcopy(hf_init).train()  # deepcopy keeps lm_head tied to wte
     return [
-        Side("gpt2lab", ours, ours, make_optimizer(ours, cfg, torch.device("cpu"))),
+        Side("gpt2lab", ours, ours, make_optimizer(ours, cfg, torch.device("cpu")), cross_entropy),
         Side(
             "transformers",
             theirs,
             lambda x: theirs(input_ids=x, labels=None).logits,
             hf_optimizer(theirs, cfg),
+            lambda logits, y: F.cross_entropy(logits.float().flatten(0, 1), y.flatten()),
         ),
     ]
 
@@ -187,7 +191,7 @@ def train_step(side: Side, batches: Batches, cfg: TrainConfig, autocast, mark=No
         with autocast:
             logits = side.forward(x)
     with mark("loss"):
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / t.grad_accum
+        loss = side.loss(logits, y) / t.grad_accum
     with mark("backward"):
         loss.backward()
     total = loss.item()

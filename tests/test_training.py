@@ -404,3 +404,28 @@ def test_cli_train_error_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "train.lr must be a number" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_in_place_cross_entropy_equals_torch(autocast):
+    from gpt2lab.training.loss import cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 40, 32)
+    W = torch.randn(1000, 32) * 0.5
+    y = torch.randint(0, 1000, (3, 40))
+    results = []
+    for fn in (
+        lambda logits: torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()),
+        lambda logits: cross_entropy(logits, y),
+    ):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = fn(hh @ WW.T) * 3.0  # a non-unit upstream gradient
+        loss.backward()
+        results.append((loss.item(), hh.grad, WW.grad))
+    (l_ref, gh_ref, gw_ref), (l_new, gh_new, gw_new) = results
+    tol = 1e-2 if autocast else 1e-5  # bf16 matmuls round the gradients
+    assert abs(l_ref - l_new) < 1e-5 * abs(l_ref)
+    assert (gh_ref - gh_new).abs().max().item() < tol * gh_ref.abs().max().item()
+    assert (gw_ref - gw_new).abs().max().item() < tol * gw_ref.abs().max().item()

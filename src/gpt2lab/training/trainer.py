@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import save as save_model
@@ -30,6 +29,7 @@ from ..model import GPT2
 from . import distributed, recipes
 from .config import TrainConfig
 from .data import TokenShards
+from .loss import cross_entropy
 from .optim import lr_at, make_optimizer
 
 CKPT_DIR = "checkpoints"
@@ -197,7 +197,7 @@ class Trainer:
     def loss(self, x: torch.Tensor, y: torch.Tensor, net=None) -> torch.Tensor:
         with self.autocast:
             logits = (net or self.net)(x.to(self.ctx.device))
-        return F.cross_entropy(logits.float().flatten(0, 1), y.to(self.ctx.device).flatten())
+        return cross_entropy(logits, y.to(self.ctx.device))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
