@@ -330,6 +330,11 @@ def _weight_stream(directory: Path, keep, transient) -> Iterator[tuple[str, torc
 def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return None if dtype == "auto" else dtype
+    if dtype == "int8":
+        raise GPT2LabError(
+            "dtype 'int8' is not a compute dtype; for int8 weights pass quantize='int8' "
+            "(on the command line: --dtype int8)"
+        )
     if dtype not in DTYPE_ALIASES:
         raise GPT2LabError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
     return DTYPE_ALIASES[dtype]
@@ -363,9 +368,21 @@ def parse_device(device) -> torch.device:
 
 
 # ---- load / save -------------------------------------------------------------------
-def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
+def load(name_or_path=None, *, dtype=None, device=None, quantize: str | None = None) -> GPT2:
     """Load a GPT-2 checkpoint: a directory, a preset (`gpt2-medium`), an HF repo id, or
-    None for the bundled model. `dtype` defaults to float32; "auto" keeps the file's."""
+    None for the bundled model. `dtype` defaults to float32; "auto" keeps the file's.
+
+    `quantize="int8"` stores the block weights as int8 and computes in `dtype` (default
+    bfloat16); see gpt2lab.quantize."""
+    if quantize is not None:
+        from .quantize import QUANTIZE_MODES
+        from .quantize import quantize as apply_quantization
+
+        if quantize not in QUANTIZE_MODES:  # before reading any weights
+            apply_quantization(None, quantize)
+        compute = parse_dtype(dtype) or torch.bfloat16
+        model = load(name_or_path, dtype=torch.float32, device=device)
+        return apply_quantization(model, quantize, compute)
     device = parse_device(device)
     directory = resolve(name_or_path)
     cfg = GPT2Config.from_json_file(directory / "config.json")
@@ -413,6 +430,12 @@ def load(name_or_path=None, *, dtype=None, device=None) -> GPT2:
 
 def save(model: GPT2, directory: str | os.PathLike) -> None:
     """Write config.json + model.safetensors in HF's layout, atomically (temp file + rename)."""
+    from .quantize import is_quantized
+
+    if is_quantized(model):
+        raise GPT2LabError(
+            "cannot save a quantized model; save the float model and quantize on load"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = []

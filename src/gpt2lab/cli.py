@@ -102,11 +102,16 @@ def generate(
     ),
     num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams"),
     length_penalty: float = typer.Option(1.0, "--length-penalty", help="beam score / length**this"),
+    penalty_alpha: float | None = typer.Option(
+        None, "--penalty-alpha", help="contrastive search degeneration penalty (with --top-k >= 2)"
+    ),
     stop: list[str] = typer.Option([], "--stop", help="stop at this string (repeatable)"),
     max_time: float | None = typer.Option(None, "--max-time", help="stop after this many seconds"),
     seed: int | None = typer.Option(None, "--seed", help="random seed for sampling"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32, bfloat16, float16 or int8 (int8 weights, bf16 compute)"
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Continue a prompt and print prompt + continuation."""
@@ -118,11 +123,15 @@ def generate(
         repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         min_new_tokens=min_new_tokens, stop=stop or None, max_time=max_time, seed=seed,
+        penalty_alpha=penalty_alpha,
     )  # fmt: skip
     options = {k: v for k, v in options.items() if v is not None}
     if num_beams != 1:
         options.update(num_beams=num_beams, length_penalty=length_penalty)
-    lm = load(model, dtype=dtype, device=device)
+    if dtype == "int8":  # int8 weights, bf16 compute
+        lm = load(model, device=device, quantize="int8")
+    else:
+        lm = load(model, dtype=dtype, device=device)
     if stream:
         typer.echo(prompt, nl=False)
         for piece in lm.stream(prompt, **options):

@@ -5,7 +5,8 @@ column; the attention mask and position ids make the padding invisible, so each 
 gets exactly the tokens it would get alone. Each step's logits go through a
 pipeline of small processors (penalties, then warpers: see processors.py), then the
 next token is the argmax (greedy) or a draw from the softmax (sampling). Beam
-search lives in beam.py; this module dispatches to it.
+search lives in beam.py and contrastive search in contrastive.py; this module
+dispatches to them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class _Settings:
     stop_strings: list[str]
     max_time: float | None
     seed: int | None
+    penalty_alpha: float = 0.0  # > 0: contrastive search with `top_k` candidates
+    top_k: int = 0
 
 
 def _settings(
@@ -82,6 +85,7 @@ def _settings(
         or max_new_tokens < 1
     ):
         raise GPT2LabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    penalty_alpha, contrastive_k = _contrastive_options(model, opts)
     temperature = opts.pop("temperature", None)
     if temperature is not None and (
         not isinstance(temperature, (int, float))
@@ -145,7 +149,48 @@ def _settings(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"context of {model.cfg.n_ctx}"
         )
-    return _Settings(max_new_tokens, sample, pipeline, stop_ids, stop_strings, max_time, seed)
+    return _Settings(
+        max_new_tokens, sample, pipeline, stop_ids, stop_strings, max_time, seed,
+        penalty_alpha, contrastive_k,
+    )  # fmt: skip
+
+
+def _contrastive_options(model: GPT2, opts: dict[str, Any]) -> tuple[float, int]:
+    """Pop `penalty_alpha` (and with it `top_k`): (alpha, top_k), or (0, 0) for no
+    contrastive search. As in transformers, penalty_alpha > 0 with top_k > 1 selects
+    it; it is deterministic, so sampling options are an error rather than ignored."""
+    from .contrastive import check_contrastive
+
+    alpha = opts.pop("penalty_alpha", None)
+    if alpha is None:
+        return 0.0, 0
+    check_contrastive(model, alpha, 2)
+    if alpha == 0:  # no degeneration penalty: the other options decide
+        return 0.0, 0
+    top_k = opts.get("top_k")
+    check_contrastive(model, alpha, top_k)
+    opts.pop("top_k")
+    sampling = [
+        k for k in ("do_sample", "temperature", *SAMPLING_OPTIONS) if opts.get(k) is not None
+    ]
+    if sampling and not (sampling == ["do_sample"] and opts["do_sample"] is False):
+        raise GPT2LabError(
+            f"contrastive search (penalty_alpha > 0) does not sample; drop {sampling[0]}"
+        )
+    opts.pop("do_sample", None)
+    return float(alpha), top_k
+
+
+def _decode(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Settings):
+    """The step iterator for these settings: contrastive search, or greedy/sampling."""
+    if s.penalty_alpha > 0:
+        from .contrastive import contrastive_steps
+
+        return contrastive_steps(
+            model, tokens, mask, penalty_alpha=s.penalty_alpha, top_k=s.top_k,
+            max_new_tokens=s.max_new_tokens, stop_ids=s.stop_ids, logits_processor=s.pipeline,
+        )  # fmt: skip
+    return _steps(model, tokens, mask, s)
 
 
 def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Settings) -> Iterator:
@@ -224,7 +269,8 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
 
     Greedy by default; sampling when `do_sample=True` or any of temperature / top_k /
     top_p / min_p / typical_p / epsilon_cutoff / eta_cutoff is given (temperature 0
-    is always greedy); beam search with `num_beams > 1`. Returns the continuation as
+    is always greedy); beam search with `num_beams > 1`; contrastive search with
+    `penalty_alpha > 0` and `top_k > 1` (as in transformers). Returns the continuation as
     text for text input (a list for a list of prompts), token ids for id input, or a
     `GenerationResult` with `return_result=True`.
     """
@@ -247,7 +293,7 @@ def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
     lps: list[list[float]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     start = time.monotonic()
-    for next_token, logprob, finished in _steps(model, tokens, mask, s):
+    for next_token, logprob, finished in _decode(model, tokens, mask, s):
         for b, (t, lp, was_done) in enumerate(
             zip(next_token.tolist(), logprob.tolist(), finished.tolist(), strict=True)
         ):
@@ -302,6 +348,8 @@ def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> Gener
         raise GPT2LabError(f"beam search does not sample; drop {sampling[0]}")
     if options.get("stop") or options.get("max_time"):
         raise GPT2LabError("stop strings and max_time are not supported with beam search")
+    if options.get("penalty_alpha"):
+        raise GPT2LabError("penalty_alpha (contrastive search) cannot be combined with beam search")
     pad = _pad_lengths(mask)
     s = _settings(
         model, tokens.shape[1], options, None if pad is None else pad.repeat_interleave(n)
@@ -341,7 +389,7 @@ def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
     s = _settings(model, tokens.shape[1], dict(options))
     row = _StopStrings(model, s.stop_strings)
     start = time.monotonic()
-    for next_token, _, finished in _steps(model, tokens, mask, s):
+    for next_token, _, finished in _decode(model, tokens, mask, s):
         t = int(next_token[0])
         if bool(finished[0]) or t in s.stop_ids:
             break

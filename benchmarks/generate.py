@@ -1,0 +1,296 @@
+"""Decoding benchmark: gpt2lab (fp32, bf16, int8 weights) against transformers, on CPU.
+
+    python benchmarks/generate.py [--quick] [--rounds N] [--new-tokens 64] [--layers 24]
+                                  [--threads N]
+
+What it measures
+1. Batch-1 greedy decoding at gpt2-medium size: a 16-token prompt, then 64 new
+   tokens (16 with --quick). transformers fp32 (`hf.generate(do_sample=False,
+   max_new_tokens=N, min_new_tokens=N)`) is the reference; against it run
+   gpt2lab fp32, bf16 (`load(dtype="bfloat16")`), int8 (`load(quantize="int8")`: int8
+   block weights, bf16 activations, bf16 unembedding; see gpt2lab/quantize.py) and,
+   for reference, transformers bf16 (`.to(torch.bfloat16)`). tokens/s = new tokens /
+   wall time of the whole call (prompt prefill included), and each one's ratio to
+   transformers fp32.
+2. Batch-8 throughput: 8 prompts of 16 tokens, the same number of new tokens each,
+   gpt2lab fp32 vs transformers fp32 (plus gpt2lab bf16 and int8).
+3. Quality cost of the faster dtypes: max and mean |logit difference| of gpt2lab bf16
+   and int8 against gpt2lab fp32 on a 256-token input (random weights, so the
+   logits' own range is printed for scale), and the greedy tokens' agreement with
+   fp32; then the perplexity of an embedded public-domain English text (Hamlet,
+   III.i and Sonnet 18) under the bundled, trained model in fp32, bf16 and int8.
+
+Method
+- Same weights: a randomly initialised `transformers.GPT2LMHeadModel` is written with
+  `save_pretrained` and read back with `gpt2lab.load`; the warm-up's greedy tokens
+  of gpt2lab fp32 and transformers fp32 are compared (they should be identical).
+- Same process, same prompt, interleaved: every variant runs once per round, in turn,
+  so drift in machine load hits all alike. One untimed warm-up each, then N rounds;
+  the best round is reported (noise only ever adds time); every round is printed.
+- Neither side stops early: transformers gets `min_new_tokens`, gpt2lab
+  `stop_at_eot=False`, so both generate exactly N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from machine import print_machine
+
+import gpt2lab
+from gpt2lab.checkpoint import load  # gpt2lab.load does not pass quantize= on (yet)
+from gpt2lab.errors import GPT2LabError
+
+# gpt2-medium's dimensions (layers: --layers).
+N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_CTX = 24, 1024, 16, 50257, 1024
+PROMPT_LEN, BATCH = 16, 8
+
+# Public domain: Shakespeare, Hamlet III.i and Sonnet 18.
+TEXT = """To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die, to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to: 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+To sleep, perchance to dream. Ay, there's the rub:
+For in that sleep of death what dreams may come,
+When we have shuffled off this mortal coil,
+Must give us pause: there's the respect
+That makes calamity of so long life.
+For who would bear the whips and scorns of time,
+The oppressor's wrong, the proud man's contumely,
+The pangs of despised love, the law's delay,
+The insolence of office, and the spurns
+That patient merit of the unworthy takes,
+When he himself might his quietus make
+With a bare bodkin? Who would fardels bear,
+To grunt and sweat under a weary life,
+But that the dread of something after death,
+The undiscover'd country from whose bourn
+No traveller returns, puzzles the will,
+And makes us rather bear those ills we have
+Than fly to others that we know not of?
+Thus conscience does make cowards of us all,
+And thus the native hue of resolution
+Is sicklied o'er with the pale cast of thought,
+And enterprises of great pitch and moment
+With this regard their currents turn awry
+And lose the name of action.
+
+Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance or nature's changing course untrimm'd;
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st;
+Nor shall death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st:
+So long as men can breathe or eyes can see,
+So long lives this, and this gives life to thee.
+"""
+
+
+# ---- timing -------------------------------------------------------------------------
+def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Run each function once per round, in turn; return every round's seconds per name."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def show_rounds(times: dict[str, list[float]]) -> None:
+    for name, ts in times.items():
+        print(f"  {name:<24} rounds (s): " + " ".join(f"{t:.3f}" for t in ts))
+
+
+def ratio_table(times: dict[str, list[float]], tokens: int, reference: str) -> None:
+    best_ref = min(times[reference])
+    med_ref = statistics.median(times[reference])
+    print("| model | tok/s | ms/token | vs transformers fp32 | ratio of medians |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ts in times.items():
+        best = min(ts)
+        print(
+            f"| {name} | {tokens / best:.1f} | {1000 * best / tokens:.1f} "
+            f"| {best_ref / best:.2f} | {med_ref / statistics.median(ts):.2f} |"
+        )
+    print(
+        f"\ntok/s = new tokens generated ({tokens} in all) / wall time of the call, best round;"
+        "\nvs transformers fp32 > 1: faster than transformers fp32\n"
+    )
+
+
+# ---- models ---------------------------------------------------------------------------
+def build_models(directory: Path, n_layers: int):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=n_layers, n_embd=D_MODEL, n_head=N_HEADS, vocab_size=VOCAB, n_positions=N_CTX
+    )
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(directory)
+    hf_bf16 = transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    ours = {
+        "fp32": gpt2lab.load(directory),
+        "bf16": gpt2lab.load(directory, dtype="bfloat16"),
+        "int8": load(directory, quantize="int8"),
+    }
+    return hf, hf_bf16, ours
+
+
+def generators(hf, hf_bf16, ours, prompt: torch.Tensor, new_tokens: int, with_hf_bf16: bool):
+    """name -> a function running one greedy generation of `new_tokens` tokens."""
+    mask = torch.ones_like(prompt)
+
+    def theirs(model):
+        return lambda: model.generate(
+            input_ids=prompt,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=VOCAB - 1,
+        )[:, prompt.shape[1] :]
+
+    def mine(model):
+        return lambda: model.generate(prompt, max_new_tokens=new_tokens, stop_at_eot=False)
+
+    fns = {"transformers fp32": theirs(hf)}
+    fns.update({f"gpt2lab {name}": mine(model) for name, model in ours.items()})
+    if with_hf_bf16:
+        fns["transformers bf16"] = theirs(hf_bf16)
+    return fns
+
+
+def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all: bool) -> None:
+    prompt = torch.randint(
+        0, VOCAB, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch)
+    )
+    fns = generators(hf, hf_bf16, ours, prompt, new_tokens, with_hf_bf16=with_all)
+    if not with_all:
+        fns = {k: v for k, v in fns.items() if k != "transformers bf16"}
+    with torch.inference_mode():
+        warm = {name: fn() for name, fn in fns.items()}  # warm-up, and the same-function check
+        theirs = warm["transformers fp32"].tolist()
+        for name, out in warm.items():
+            if name == "transformers fp32":
+                continue
+            out = out.tolist() if isinstance(out, torch.Tensor) else out  # [batch][new]
+            same = sum(
+                a == b for r, s in zip(out, theirs, strict=True) for a, b in zip(r, s, strict=True)
+            )
+            print(f"  {name}: {same}/{batch * new_tokens} greedy tokens equal transformers fp32's")
+        times = interleaved_rounds(fns, rounds)
+    show_rounds(times)
+    print()
+    ratio_table(times, batch * new_tokens, "transformers fp32")
+
+
+# ---- quality ---------------------------------------------------------------------------
+def logit_quality(ours) -> None:
+    print("## 3. Quality cost on the benchmark model (random weights), 256-token input\n")
+    x = torch.randint(0, VOCAB, (1, 256), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        ref = ours["fp32"](x)
+        print(f"fp32 logits: max |logit| {ref.abs().max():.3g}, std {ref.std():.3g}\n")
+        print("| dtype | max abs logit diff vs fp32 | mean abs diff | argmax agrees with fp32 |")
+        print("|---|---:|---:|---:|")
+        for name in ("bf16", "int8"):
+            got = ours[name](x).float()
+            diff = (got - ref).abs()
+            agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            print(f"| {name} | {diff.max():.3g} | {diff.mean():.3g} | {100 * agree:.1f}% |")
+    print()
+
+
+def perplexity_quality() -> None:
+    print("## 4. Perplexity of Hamlet III.i + Sonnet 18 under the bundled (trained) model\n")
+    try:
+        models = {
+            "fp32": gpt2lab.load(),
+            "bf16": gpt2lab.load(dtype="bfloat16"),
+            "int8": load(quantize="int8"),
+        }
+    except GPT2LabError as e:
+        print(f"skipped: the bundled model is not available ({e})\n")
+        return
+    cfg = models["fp32"].cfg
+    n = len(models["fp32"].tokenizer.encode(TEXT))
+    stride = cfg.n_ctx // 2
+    print(
+        f"bundled model: {cfg.n_layers} layers, d_model {cfg.d_model}, context {cfg.n_ctx}; "
+        f"text: {n} tokens, sliding window {cfg.n_ctx}, stride {stride}\n"
+    )
+    print("| dtype | perplexity | change vs fp32 |")
+    print("|---|---:|---:|")
+    with torch.inference_mode():
+        ppl = {name: m.perplexity(TEXT, stride=stride) for name, m in models.items()}
+    for name, p in ppl.items():
+        print(f"| {name} | {p:.4f} | {100 * (p / ppl['fp32'] - 1):+.3f}% |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens, 2 rounds")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 5; 2 with --quick)")
+    parser.add_argument("--new-tokens", type=int, help="tokens to generate (default 64)")
+    parser.add_argument("--layers", type=int, default=N_LAYERS, help="layers (default 24)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's; 1 is steadier when busy)"
+    )
+    args = parser.parse_args()
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
+    new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.quick else 64)
+    if rounds < 1 or new_tokens < 1 or args.layers < 1:
+        parser.error("--rounds, --new-tokens and --layers must be at least 1")
+    if PROMPT_LEN + new_tokens > N_CTX:
+        parser.error(f"--new-tokens must be at most {N_CTX - PROMPT_LEN}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    load_at_start = os.getloadavg()[0]
+    size = "gpt2-medium size" if args.layers == N_LAYERS else f"{args.layers}-layer gpt2-medium"
+    print(
+        f"# Greedy decoding, gpt2lab vs transformers, {size}, prompt {PROMPT_LEN} tokens, "
+        f"{new_tokens} new tokens, best of {rounds}\n"
+    )
+    if load_at_start > 0.5:
+        print(
+            f"note: 1-minute load average {load_at_start:.1f} on {os.cpu_count()} cores at start; "
+            "if other work is still running, timings will be noisy\n"
+        )
+    with tempfile.TemporaryDirectory(prefix="gpt2lab-bench-gen-") as tmp:
+        hf, hf_bf16, ours = build_models(Path(tmp), args.layers)
+    print(f"transformers attention implementation: {hf.config._attn_implementation}\n")
+    print("## 1. Batch 1\n")
+    decode(hf, hf_bf16, ours, 1, new_tokens, rounds, with_all=True)
+    print(f"## 2. Batch {BATCH} throughput\n")
+    del hf_bf16
+    decode(hf, None, ours, BATCH, new_tokens, max(1, rounds // 2), with_all=False)
+    logit_quality(ours)
+    del hf, ours
+    perplexity_quality()
+    print_machine(f"load average (1 min) at start: {load_at_start:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Int8 weight-only quantization of the transformer blocks, for fast CPU decoding.
+
+`quantize_int8(model)` replaces the four linear layers of every block (`attn.c_attn`,
+`attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) with `Int8Linear` and moves everything
+else (embeddings, LayerNorms, biases, the tied unembedding, the KV cache) to
+bfloat16. `gpt2lab.load(path, quantize="int8")` does the same at load time;
+`gpt2lab generate --dtype int8` on the command line.
+
+Numerics
+- Weights: per-output-channel (per row of the [out, in] weight) symmetric int8.
+  For row i, `s_i = max_j |w_ij| / 127` (computed in float32 from the float32
+  weights; an all-zero row gets `s_i = 1`), `q_ij = clamp(round(w_ij / s_i), -127, 127)`
+  with round-half-to-even. So `|w_ij - q_ij * s_i| <= s_i / 2`: at most 0.4% of the
+  row's largest weight. The value -128 is never used, so the grid is symmetric.
+- The scales are then stored in the compute dtype (bfloat16), which rounds each
+  `s_i` by a relative 2**-9 at most: a per-row gain error, far below the bf16
+  rounding of the activations themselves.
+- Activations: bfloat16. `y = (x @ q.T) * s + b`, computed by
+  `torch._weight_int8pack_mm(x, q, s)` (float32 accumulation inside the kernel,
+  bf16 output) plus the bias in bf16. That kernel reads 1 byte per weight, which is
+  what makes batch-1 decoding (a memory-bound GEMV) faster. With float32 activations
+  the same kernel is several times *slower* than a dense float32 GEMV on CPU, so the
+  quantized model computes in bf16; hand `dtype=torch.float32` only for checks.
+  Where the kernel is missing (older torch, non-CPU devices) the weight is
+  dequantized on the fly, `F.linear(x, q * s, b)`: the same function, just slower.
+- The unembedding (tied to `wte`) stays bf16 (not quantized), as do the position
+  embeddings and LayerNorms; logits are therefore bf16, and generation converts them
+  to float32 before the softmax.
+
+Hook points live in the blocks, not in the linear modules, so every hook still
+fires; `c_attn.weight` and friends (and so `W_Q`, `W_O`, `hook_result`, ...) return
+the dequantized weight. A quantized model cannot be saved (quantization is applied
+on load instead) nor quantized again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GPT2LabError
+
+QUANTIZE_MODES = ("int8",)
+LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q int8 [out, in], scales float32 [out])."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def _has_pack_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        hasattr(torch, "_weight_int8pack_mm")
+        and device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with an int8 weight [out, in] and a per-output-channel scale [out].
+
+    Computes `x @ (q * scales).T + bias` in the dtype of `scales` (bf16 by default);
+    inputs of another dtype are cast to it.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        super().__init__()
+        if q.dtype != torch.int8 or q.dim() != 2 or scales.shape != (q.shape[0],):
+            raise GPT2LabError(
+                f"Int8Linear needs an int8 [out, in] weight and [out] scales, got "
+                f"{q.dtype} {tuple(q.shape)} and {tuple(scales.shape)}"
+            )
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q_weight", q.contiguous())
+        self.register_buffer("scales", scales.to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+        q, scales = quantize_weight(linear.weight)
+        return cls(q, scales, linear.bias, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] (a new tensor; editing it changes nothing)."""
+        return self.q_weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.scales.dtype
+        x = x.to(dtype)
+        if _has_pack_mm(x.device, dtype):
+            shape = x.shape
+            y = torch._weight_int8pack_mm(
+                x.reshape(-1, self.in_features).contiguous(), self.q_weight, self.scales
+            )
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, int8 weight, {self.scales.dtype} activations"
+        )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def quantize_int8(model, dtype: torch.dtype = torch.bfloat16):
+    """Quantize `model`'s block linear layers to int8 in place (see the module docstring);
+    everything else moves to `dtype`. Returns the model."""
+    if is_quantized(model):
+        raise GPT2LabError("the model is already quantized; load it again to re-quantize")
+    if not dtype.is_floating_point:
+        raise GPT2LabError(f"the compute dtype of an int8 model must be a float type, not {dtype}")
+    for block in model.blocks:
+        for name in LINEAR_NAMES:
+            parent_name, attr = name.split(".")
+            parent = getattr(block, parent_name)
+            linear = getattr(parent, attr)
+            if not isinstance(linear, nn.Linear):
+                raise GPT2LabError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+            setattr(parent, attr, Int8Linear.from_linear(linear, dtype))
+    model.to(dtype)  # embeddings, LayerNorms; int8 buffers keep their dtype
+    return model
+
+
+def quantize(model, mode: str | None, dtype: torch.dtype | None = None):
+    """Apply quantization `mode` ("int8" or None) to `model`; returns it."""
+    if mode is None:
+        return model
+    if mode not in QUANTIZE_MODES:
+        raise GPT2LabError(
+            f"unknown quantization {mode!r} (supported: {', '.join(QUANTIZE_MODES)})"
+        )
+    return quantize_int8(model, dtype or torch.bfloat16)
