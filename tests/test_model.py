@@ -133,6 +133,8 @@ HOOK_SHAPES = {
     "hook_pos_embed": "bpd",
     "ln_final.hook_scale": "bp1",
     "ln_final.hook_normalized": "bpd",
+    "unembed.hook_in": "bpd",
+    "unembed.hook_out": "bpv",
     "blocks.{l}.hook_resid_pre": "bpd",
     "blocks.{l}.hook_resid_mid": "bpd",
     "blocks.{l}.hook_resid_post": "bpd",
@@ -165,6 +167,7 @@ def test_every_hook_point_has_its_documented_shape(pair):
         "h": cfg.n_heads,
         "e": cfg.d_head,
         "m": cfg.d_mlp,
+        "v": cfg.d_vocab,
         "1": 1,
     }
     expected = {}
@@ -247,7 +250,11 @@ def test_weight_views_reproduce_hooked_activations(pair):
         cfg.d_model,
     )
     assert ours.W_pos.shape == (cfg.n_ctx, cfg.d_model)
-    ln1 = acts["blocks.1.ln1.hook_normalized"]
+
+    def affine(name, ln):  # hook_normalized is before the LayerNorm's weight and bias
+        return acts[name] * ln.weight + ln.bias
+
+    ln1 = affine("blocks.1.ln1.hook_normalized", ours.blocks[1].ln1)
     for name, W, b in (
         ("q", ours.W_Q, ours.b_Q),
         ("k", ours.W_K, ours.b_K),
@@ -259,12 +266,12 @@ def test_weight_views_reproduce_hooked_activations(pair):
         torch.einsum("bphe,hed->bpd", acts["blocks.1.attn.hook_z"], ours.W_O[1]) + ours.b_O[1]
     )
     assert (attn_out - acts["blocks.1.hook_attn_out"]).abs().max().item() < 1e-4
-    pre = acts["blocks.0.ln2.hook_normalized"] @ ours.W_in[0] + ours.b_in[0]
+    pre = affine("blocks.0.ln2.hook_normalized", ours.blocks[0].ln2) @ ours.W_in[0] + ours.b_in[0]
     assert (pre - acts["blocks.0.mlp.hook_pre"]).abs().max().item() < 1e-4
     out = acts["blocks.0.mlp.hook_post"] @ ours.W_out[0] + ours.b_out[0]
     assert (out - acts["blocks.0.hook_mlp_out"]).abs().max().item() < 1e-4
     assert (
-        acts["ln_final.hook_normalized"] @ ours.W_U + ours.b_U - logits
+        affine("ln_final.hook_normalized", ours.ln_final) @ ours.W_U + ours.b_U - logits
     ).abs().max().item() < 1e-4
     # the views are copies: editing one leaves the model alone
     ours.W_Q.zero_()

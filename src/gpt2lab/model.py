@@ -92,7 +92,8 @@ class KVCache:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with TransformerLens' `hook_scale` and `hook_normalized`.
+    """LayerNorm with TransformerLens' `hook_scale` and `hook_normalized` (the centred
+    input divided by its scale, before the affine weight and bias, as in TransformerLens).
 
     The fused kernel runs unless a hook is attached; then the same math runs step by
     step so the scale and the normalised output can be read or replaced. With
@@ -118,7 +119,7 @@ class LayerNorm(nn.Module):
         else:
             scale = torch.full_like(x[..., :1], self.fixed_scale)
         scale = self.hook_scale(scale)
-        return self.hook_normalized(x / scale * self.weight + self.bias)
+        return self.hook_normalized(x / scale) * self.weight + self.bias
 
 
 class Attention(nn.Module):
@@ -207,6 +208,26 @@ class Block(nn.Module):
         return self.hook_resid_post(resid + mlp_out)
 
 
+class Unembed(nn.Module):
+    """Residual stream -> logits, with TransformerLens' `unembed.hook_in` / `hook_out`.
+
+    GPT-2 ties the unembedding to the token embedding, so this owns no weight: the
+    model passes `wte.weight` in. Weight processing (centring, LayerNorm folding) unties
+    the two; it then sets `weight` [d_vocab, d_model] and `bias` [d_vocab] here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
+        self.hook_in = HookPoint()  # [batch, pos, d_model]
+        self.hook_out = HookPoint()  # [batch, pos, d_vocab]
+
+    def forward(self, x: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
+        weight = tied if self.weight is None else self.weight
+        return self.hook_out(F.linear(self.hook_in(x), weight, self.bias))
+
+
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ids as one [batch, pos] tensor padded on the left, and its 0/1 mask.
 
@@ -238,6 +259,7 @@ class GPT2(HookedModule):
         self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps, 1.0 if cfg.ln_free else None)
+        self.unembed = Unembed()
         self.setup_hooks()
 
     # ---- forward ---------------------------------------------------------------------
@@ -249,12 +271,15 @@ class GPT2(HookedModule):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        stop_at_layer: int | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [batch, pos] (or text, tokenized without a BOS token).
 
         With `cache`, `tokens` are the new tokens only and `attention_mask` may cover
         either the new tokens or all tokens so far. `logits_to_keep=n` computes logits
-        for the last n positions only (what generation needs).
+        for the last n positions only (what generation needs). `stop_at_layer=n` runs
+        blocks 0..n-1 only and returns the residual stream [batch, pos, d_model] there
+        (negative n counts from the end, as in Python slicing).
         """
         if isinstance(tokens, (str, list)):
             tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
@@ -286,16 +311,16 @@ class GPT2(HookedModule):
         mask = self._attn_mask(key_mask, T, past, tokens.device)
 
         resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
-        for block in self.blocks:
+        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        for block in blocks:
             resid = block(resid, mask, cache)
+        if stop_at_layer is not None:
+            return resid
         if cache is not None:
             cache.length += T
         if logits_to_keep:
             resid = resid[:, -logits_to_keep:]
-        return self.unembed(self.ln_final(resid))
-
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.wte.weight)
+        return self.unembed(self.ln_final(resid), self.wte.weight)
 
     def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -483,8 +508,11 @@ class GPT2(HookedModule):
 
     @property
     def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
-        return self.wte.weight.detach().T.clone()
+        weight = self.wte.weight if self.unembed.weight is None else self.unembed.weight
+        return weight.detach().T.clone()
 
     @property
-    def b_U(self) -> torch.Tensor:  # GPT-2 has no unembedding bias
+    def b_U(self) -> torch.Tensor:  # GPT-2 has no unembedding bias until processing adds one
+        if self.unembed.bias is not None:
+            return self.unembed.bias.detach().clone()
         return torch.zeros(self.cfg.d_vocab, dtype=self.dtype, device=self.device)
