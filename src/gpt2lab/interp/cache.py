@@ -73,9 +73,9 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
 
 
 class PosSlice:
-    """Which positions to keep, by TransformerLens' `Slice` rules: None keeps all, an int
-    keeps one (dropping the axis), a `slice` or a tuple ((stop,), (start, stop), (start,
-    stop, step)) keeps a range, a list / tensor of indices keeps those."""
+    """Which positions to keep, by TransformerLens' `Slice.unwrap` rules: None keeps all,
+    an int keeps that one position (the axis stays, with length 1), a `slice` or a tuple
+    (`slice(*tuple)`) keeps a range, a list / tensor of indices keeps those."""
 
     def __init__(self, spec: Any = None):
         if isinstance(spec, PosSlice):
@@ -84,7 +84,9 @@ class PosSlice:
             index: Any = slice(None)
         elif isinstance(spec, tuple):
             index = slice(*spec)
-        elif isinstance(spec, (int, slice)):
+        elif isinstance(spec, int):
+            index = torch.tensor([spec], dtype=torch.long)
+        elif isinstance(spec, slice):
             index = spec
         elif isinstance(spec, (list, torch.Tensor)):
             index = torch.as_tensor(spec, dtype=torch.long)
@@ -102,9 +104,10 @@ class PosSlice:
         if self.is_identity:
             return x
         dim = dim % x.dim()
-        if isinstance(self.index, torch.Tensor):
-            return x.index_select(dim, self.index.to(x.device))
-        return x[(slice(None),) * dim + (self.index,)]
+        index = self.index
+        if isinstance(index, torch.Tensor):
+            index = index.to(x.device)  # advanced indexing: negative positions count from the end
+        return x[(slice(None),) * dim + (index,)]
 
 
 class ActivationCache(Mapping):
