@@ -13,11 +13,14 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 
-def load(name_or_path=None, *, dtype=None, device=None):
-    """Load a GPT-2 checkpoint by preset name, local directory or HF repo id (see checkpoint.load)."""
+def load(name_or_path=None, *, dtype=None, device=None, quantize=None, process=False):
+    """Load a GPT-2 checkpoint by preset name, local directory or HF repo id (see checkpoint.load).
+
+    `quantize="int8"` for int8 weights; `process=True` to fold LayerNorms and centre the
+    weights for interpretability (gpt2lab.interp.processing)."""
     from .checkpoint import load as _load
 
-    return _load(name_or_path, dtype=dtype, device=device)
+    return _load(name_or_path, dtype=dtype, device=device, quantize=quantize, process=process)
 
 
 __all__ = ["GPT2", "GPT2Config", "GPT2LabError", "KVCache", "Tokenizer", "load", "__version__"]

@@ -368,12 +368,22 @@ def parse_device(device) -> torch.device:
 
 
 # ---- load / save -------------------------------------------------------------------
-def load(name_or_path=None, *, dtype=None, device=None, quantize: str | None = None) -> GPT2:
+def load(
+    name_or_path=None,
+    *,
+    dtype=None,
+    device=None,
+    quantize: str | None = None,
+    process: bool = False,
+) -> GPT2:
     """Load a GPT-2 checkpoint: a directory, a preset (`gpt2-medium`), an HF repo id, or
     None for the bundled model. `dtype` defaults to float32; "auto" keeps the file's.
 
     `quantize="int8"` stores the block weights as int8 and computes in `dtype` (default
-    bfloat16); see gpt2lab.quantize."""
+    bfloat16); see gpt2lab.quantize. `process=True` folds the LayerNorms and centres the
+    weights for interpretability (see gpt2lab.interp.processing; done before quantizing)."""
+    if not isinstance(process, bool):
+        raise GPT2LabError(f"process must be True or False, got {process!r}")
     if quantize is not None:
         from .quantize import QUANTIZE_MODES
         from .quantize import quantize as apply_quantization
@@ -381,7 +391,7 @@ def load(name_or_path=None, *, dtype=None, device=None, quantize: str | None = N
         if quantize not in QUANTIZE_MODES:  # before reading any weights
             apply_quantization(None, quantize)
         compute = parse_dtype(dtype) or torch.bfloat16
-        model = load(name_or_path, dtype=torch.float32, device=device)
+        model = load(name_or_path, dtype=torch.float32, device=device, process=process)
         return apply_quantization(model, quantize, compute)
     device = parse_device(device)
     directory = resolve(name_or_path)
@@ -425,6 +435,10 @@ def load(name_or_path=None, *, dtype=None, device=None, quantize: str | None = N
             f"checkpoint in {directory} is missing {len(missing)} tensors, e.g. {missing[0]}"
         )
     model.load_state_dict(state, assign=True)
+    if process:
+        from .interp.processing import process_weights
+
+        process_weights(model)
     return model.eval()
 
 
@@ -435,6 +449,12 @@ def save(model: GPT2, directory: str | os.PathLike) -> None:
     if is_quantized(model):
         raise GPT2LabError(
             "cannot save a quantized model; save the float model and quantize on load"
+        )
+    if getattr(model, "processing", None) is not None:
+        raise GPT2LabError(
+            "cannot save a processed model: processing unties the unembedding and gives it a "
+            "bias, which a GPT-2 checkpoint cannot hold; save the original and load it with "
+            "process=True"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -456,6 +456,26 @@ class GPT2(HookedModule):
 
         save(self, directory)
 
+    def process_weights(
+        self,
+        *,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+    ) -> GPT2:
+        """Fold the LayerNorms and centre the weights, in place, so components' outputs read
+        directly (TransformerLens' processing; see gpt2lab.interp.processing)."""
+        from .interp.processing import process_weights
+
+        return process_weights(
+            self,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+
     # ---- TransformerLens-shaped weight views (copies; editing them changes nothing) --
     def _stack(self, fn) -> torch.Tensor:
         with torch.no_grad():
