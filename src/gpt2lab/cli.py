@@ -225,6 +225,38 @@ def train(
         typer.echo(f"final model: {final}")
 
 
+@app.command()
+def patch(
+    clean: str = typer.Argument(..., help="the clean prompt"),
+    corrupted: str = typer.Argument(..., help="the corrupted prompt (same number of tokens)"),
+    answer: str = typer.Option(..., "--answer", help="the clean answer, one token, e.g. ' Mary'"),
+    wrong: str = typer.Option(..., "--wrong", help="the corrupted answer, one token, e.g. ' John'"),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    what: str = typer.Option(
+        "resid_pre",
+        "--what",
+        help="resid_pre, resid_mid, attn_out, mlp_out, heads, q, k, v or pattern",
+    ),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="also write the figure: FILE.png or FILE.html"
+    ),
+    batch: int = typer.Option(8, "--batch", help="patches per forward pass"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Activation patching: the normalised logit difference per layer x position (or head)."""
+    from .checkpoint import load
+    from .interp.patching import check_figure_path, patch_prompts, resolve_site
+
+    resolve_site(what)
+    if out is not None:
+        check_figure_path(out)
+    lm = load(model, device=device)
+    result = patch_prompts(lm, clean, corrupted, answer, wrong, what=what, batch=batch)
+    typer.echo(result.to_text())
+    if out is not None:
+        typer.echo(f"wrote {result.save(out)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
