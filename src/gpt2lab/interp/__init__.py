@@ -5,12 +5,15 @@ the model itself runs."""
 from .attribution import Attribution, direct_logit_attribution
 from .cache import ActivationCache, get_act_name
 from .ioi import IOIDataset, ioi_dataset, ioi_score, mean_ablation_hooks
+from .lens import LensResult, lens_kl, logit_lens
 from .patching import PatchResult, activation_patch, logit_diff, normalized_logit_diff
 from .path_patching import path_patch, path_patch_heads
 from .processing import process_weights
+from .tuned_lens import TunedLens, train_tuned_lens
 
 __all__ = ["ActivationCache", "get_act_name"]
 __all__ += ["IOIDataset", "ioi_dataset", "ioi_score", "mean_ablation_hooks"]
 __all__ += ["PatchResult", "activation_patch", "logit_diff", "normalized_logit_diff"]
 __all__ += ["path_patch", "path_patch_heads"]
 __all__ += ["Attribution", "direct_logit_attribution", "process_weights"]
+__all__ += ["LensResult", "TunedLens", "lens_kl", "logit_lens", "train_tuned_lens"]
