@@ -107,7 +107,8 @@ def test_gradients_of_cached_activations_match_transformer_lens(pair):
     ):
         logits = ours(x)
     wanted = [n[: -len("_grad")] for n in ln1]
-    for name, grad in zip(wanted, torch.autograd.grad(loss(logits), [acts[n] for n in wanted])):
+    grads_ref = torch.autograd.grad(loss(logits), [acts[n] for n in wanted])
+    for name, grad in zip(wanted, grads_ref, strict=True):
         assert (cache[name + "_grad"] - grad).abs().max().item() < 1e-6, name
     ours.zero_grad(set_to_none=True)
     ref.zero_grad(set_to_none=True)

@@ -33,6 +33,23 @@ def hf_logprobs(hf, inputs: list[int], targets: list[int]) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, torch.tensor(targets)[:, None])[:, 0]
 
 
+def expected_accuracies(hf) -> tuple[float, float]:
+    """acc and acc_norm of the tiny task computed directly with transformers."""
+    acc, acc_norm = [], []
+    docs = [json.loads(line) for line in (DATA / "gpt2lab_tiny_mc.jsonl").open()]
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        lls = []
+        for choice in doc["choices"]:
+            ctx = TOK.encode(context)
+            cont = TOK.encode(context + " " + choice)[len(ctx) :]
+            lls.append(float(hf_logprobs(hf, ctx + cont[:-1], cont).sum()))
+        norm = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["answer"]))
+        acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == doc["answer"]))
+    return sum(acc) / len(acc), sum(acc_norm) / len(acc_norm)
+
+
 def test_simple_evaluate_multiple_choice(hf_small, small_ckpt, monkeypatch):
     monkeypatch.chdir(DATA)  # the task's data_files path is relative
     results = lm_eval.simple_evaluate(
@@ -43,22 +60,27 @@ def test_simple_evaluate_multiple_choice(hf_small, small_ckpt, monkeypatch):
         bootstrap_iters=0,
     )
     got = results["results"]["gpt2lab_tiny_mc"]
-
-    acc, acc_norm = [], []
-    docs = [json.loads(line) for line in (DATA / "gpt2lab_tiny_mc.jsonl").open()]
-    for doc in docs:
-        context = f"Question: {doc['question']}\nAnswer:"
-        lls = []
-        for choice in doc["choices"]:
-            ctx = TOK.encode(context)
-            cont = TOK.encode(context + " " + choice)[len(ctx) :]
-            lls.append(float(hf_logprobs(hf_small, ctx + cont[:-1], cont).sum()))
-        norm = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
-        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["answer"]))
-        acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == doc["answer"]))
-    assert got["acc,none"] == pytest.approx(sum(acc) / len(acc))
-    assert got["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+    acc, acc_norm = expected_accuracies(hf_small)
+    assert got["acc,none"] == pytest.approx(acc)
+    assert got["acc_norm,none"] == pytest.approx(acc_norm)
     assert results["config"]["model"] == "gpt2lab"
+
+
+def test_gpt2lab_eval_command_runs_lm_eval(hf_small, small_ckpt, monkeypatch, tmp_path):
+    from gpt2lab import cli
+
+    monkeypatch.chdir(DATA)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["eval", "run", "--model", "gpt2lab", "--model_args",
+                  f"pretrained={small_ckpt},batch_size=4", "--tasks", "gpt2lab_tiny_mc",
+                  "--include_path", str(DATA),
+                  "--output_path", str(tmp_path)])  # fmt: skip
+    assert done.value.code == 0
+    (results_file,) = tmp_path.rglob("results_*.json")
+    got = json.loads(results_file.read_text())["results"]["gpt2lab_tiny_mc"]
+    acc, acc_norm = expected_accuracies(hf_small)
+    assert got["acc,none"] == pytest.approx(acc)
+    assert got["acc_norm,none"] == pytest.approx(acc_norm)
 
 
 def test_loglikelihood_matches_transformers(hf_small, small_ckpt):

@@ -356,6 +356,22 @@ def lens_train(
             typer.echo(f"{label:<10} {a:>10.4f} {b:>10.4f}")
 
 
+@app.command(
+    "eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def evaluate(ctx: typer.Context) -> None:
+    """lm-evaluation-harness with the `gpt2lab` model registered; every argument goes to
+    lm-eval unchanged, e.g. `gpt2lab eval --model gpt2lab --model_args pretrained=gpt2
+    --tasks lambada_openai` (`gpt2lab eval --help` shows lm-eval's options)."""
+    try:
+        from .lm_eval_model import main as lm_eval_main
+    except ImportError as e:
+        raise GPT2LabError(f"lm-eval is not installed ({e}); pip install 'lm-eval>=0.4.13'") from e
+    lm_eval_main(list(ctx.args))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
