@@ -11,7 +11,11 @@ What it measures
    block weights, bf16 activations, bf16 unembedding; see gpt2lab/quantize.py) and,
    for reference, transformers bf16 (`.to(torch.bfloat16)`). tokens/s = new tokens /
    wall time of the whole call (prompt prefill included), and each one's ratio to
-   transformers fp32.
+   transformers fp32. Decoding one token reads every weight once, so memory speed
+   caps it: the memory read speed is measured next to the rounds (the best of
+   sums over a 512 MB tensor, before and after) and each variant's tokens/s is also
+   given as a share of that ceiling (read speed / bytes of weights per token). On a
+   shared machine (a VM) the read speed itself varies from run to run.
 2. Batch-8 throughput: 8 prompts of 16 tokens, the same number of new tokens each,
    gpt2lab fp32 vs transformers fp32 (plus gpt2lab bf16 and int8).
 3. Quality cost of the faster dtypes: max and mean |logit difference| of gpt2lab bf16
@@ -106,6 +110,29 @@ So long lives this, and this gives life to thee.
 
 
 # ---- timing -------------------------------------------------------------------------
+def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Memory read speed in GB/s: the best of `repeats` sums over `mbytes` MB (far beyond
+    any cache), which is how a batch-1 decoding step reads its weights."""
+    data = torch.ones(mbytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decoding step reads: every block's weights, the final LayerNorm and the
+    unembedding (the token embedding, tied); embedding lookups touch one row only."""
+    parts = [model.blocks, model.ln_final]
+    total = sum(
+        t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()]
+    )
+    unembed = model.wte.weight if model.unembed.weight is None else model.unembed.weight
+    return total + unembed.numel() * unembed.element_size()
+
+
 def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """Run each function once per round, in turn; return every round's seconds per name."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -122,17 +149,27 @@ def show_rounds(times: dict[str, list[float]]) -> None:
         print(f"  {name:<24} rounds (s): " + " ".join(f"{t:.3f}" for t in ts))
 
 
-def ratio_table(times: dict[str, list[float]], tokens: int, reference: str) -> None:
+def ratio_table(
+    times: dict[str, list[float]],
+    tokens: int,
+    reference: str,
+    ceilings: dict[str, float] | None = None,
+) -> None:
+    """`ceilings`: name -> the tokens/s memory speed allows, for a share-of-ceiling column."""
     best_ref = min(times[reference])
     med_ref = statistics.median(times[reference])
-    print("| model | tok/s | ms/token | vs transformers fp32 | ratio of medians |")
-    print("|---|---:|---:|---:|---:|")
+    extra = " of ceiling |" if ceilings else ""
+    print("| model | tok/s | ms/token | vs transformers fp32 | ratio of medians |" + extra)
+    print("|---|---:|---:|---:|---:|" + ("---:|" if ceilings else ""))
     for name, ts in times.items():
         best = min(ts)
-        print(
+        row = (
             f"| {name} | {tokens / best:.1f} | {1000 * best / tokens:.1f} "
             f"| {best_ref / best:.2f} | {med_ref / statistics.median(ts):.2f} |"
         )
+        if ceilings:
+            row += f" {100 * tokens / best / ceilings[name]:.0f}% |"
+        print(row)
     print(
         f"\ntok/s = new tokens generated ({tokens} in all) / wall time of the call, best round;"
         "\nvs transformers fp32 > 1: faster than transformers fp32\n"
@@ -180,6 +217,14 @@ def generators(hf, hf_bf16, ours, prompt: torch.Tensor, new_tokens: int, with_hf
     return fns
 
 
+def ceilings(ours, gbps: float, batch: int) -> dict[str, float]:
+    """name -> tokens/s if a step (`batch` tokens) only read the weights at `gbps`."""
+    rate = {f"gpt2lab {name}": batch * gbps * 1e9 / weight_bytes(m) for name, m in ours.items()}
+    rate["transformers fp32"] = rate["gpt2lab fp32"]  # the same weights, in the same dtype
+    rate["transformers bf16"] = rate["gpt2lab bf16"]
+    return rate
+
+
 def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all: bool) -> None:
     prompt = torch.randint(
         0, VOCAB, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch)
@@ -198,10 +243,18 @@ def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all
                 a == b for r, s in zip(out, theirs, strict=True) for a, b in zip(r, s, strict=True)
             )
             print(f"  {name}: {same}/{batch * new_tokens} greedy tokens equal transformers fp32's")
+        gbps = read_bandwidth()
         times = interleaved_rounds(fns, rounds)
+        gbps = max(gbps, read_bandwidth())
     show_rounds(times)
-    print()
-    ratio_table(times, batch * new_tokens, "transformers fp32")
+    rate = ceilings(ours, gbps, batch)
+    print(
+        f"\nmemory read speed {gbps:.1f} GB/s (best of before and after the rounds); "
+        "the tok/s it allows if a step only read the weights: "
+        + ", ".join(f"{name} {rate[f'gpt2lab {name}']:.0f}" for name in ours)
+        + "\n"
+    )
+    ratio_table(times, batch * new_tokens, "transformers fp32", rate)
 
 
 # ---- quality ---------------------------------------------------------------------------

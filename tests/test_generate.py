@@ -79,6 +79,30 @@ def test_greedy_with_processors_matches_transformers(ours, hf_small, options):
     assert got == hf_new_tokens(hf_small, PROMPTS, 32, do_sample=False, **options)
 
 
+def test_bf16_decoding_steps_match_the_full_forward(ours):
+    # Decoding feeds one query at a time, and in bf16 its attention runs in float32 (for
+    # speed); the logits must agree with the whole-sequence bf16 forward, and both with
+    # float32 to bf16's precision.
+    half = gpt2lab.GPT2(ours.cfg)
+    half.load_state_dict(ours.state_dict())
+    half.to(torch.bfloat16)
+    x = torch.randint(0, EOT, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = ours(x)
+        full = half(x).float()
+        cache = half.new_cache(2, 24)
+        steps = [half(x[:, :8], cache=cache)]
+        steps += [half(x[:, t : t + 1], cache=cache) for t in range(8, 24)]
+        stepped = torch.cat(steps, 1).float()
+    scale, eps = ref.abs().mean().item(), 2**-8
+    for got in (full, stepped):
+        assert (got - ref).abs().mean().item() < 12 * eps * scale
+        assert (got - ref).abs().max().item() < 100 * eps * scale
+    assert (stepped - full).abs().mean().item() < 12 * eps * scale
+    greedy = half.generate(PROMPTS, max_new_tokens=16, stop_at_eot=False, return_result=True)
+    assert all(len(t) == 16 for t in greedy.tokens)
+
+
 def test_temperature_zero_is_greedy_and_seeds_differ(ours):
     greedy = ours.generate(PROMPTS[0], max_new_tokens=16)
     assert ours.generate(PROMPTS[0], max_new_tokens=16, temperature=0, top_k=5, seed=1) == greedy

@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import hf_model
 from torch import nn
 
 from gpt2lab.checkpoint import load
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.quantize import Int8Linear, is_quantized, quantize, quantize_int8, quantize_weight
+from gpt2lab.quantize import (
+    Int8Linear,
+    is_quantized,
+    linear,
+    quantize,
+    quantize_int8,
+    quantize_weight,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +96,36 @@ def test_dequantize_fallback_is_the_same_function(fp32_model):
         fast = layer(x)
         slow = torch.nn.functional.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_linear_is_f_linear_on_faster_kernels(dtype, rows):
+    # Inference takes other kernels (oneDNN for float32, ATen's GEMV for one bf16 row);
+    # they must compute F.linear: compare both with a float64 reference.
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(640, 256, generator=gen) * 0.05).to(dtype)  # above the oneDNN size cut
+    b = (torch.randn(640, generator=gen) * 0.05).to(dtype)
+    x = torch.randn(1, rows, 256, generator=gen).to(dtype)
+    ref = F.linear(x.double(), w.double(), b.double())
+    with torch.inference_mode():
+        fast, plain = linear(x, w, b), F.linear(x, w, b)
+        no_bias = linear(x, w)
+    assert fast.shape == (1, rows, 640) and fast.dtype == dtype
+    assert torch.backends.mkldnn.enabled  # the bf16 path switches it off for one call only
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 output: 8 bits of mantissa
+    scale = ref.abs().max().item()
+    for got in (fast, plain):
+        assert (got.double() - ref).abs().max().item() <= tol * scale
+    torch.testing.assert_close(
+        no_bias.double() + b.double(), fast.double(), atol=tol * scale, rtol=0
+    )
+    # with autograd on it is F.linear itself, gradients included
+    wp = w.float().clone().requires_grad_()
+    y = linear(x.float(), wp, b.float())
+    assert torch.equal(y, F.linear(x.float(), wp, b.float()))
+    y.sum().backward()
+    torch.testing.assert_close(wp.grad, x.float().reshape(-1, 256).sum(0).expand(640, 256))
 
 
 def test_int8_model_logits_close_to_fp32(ckpt, fp32_model, int8_model):

@@ -22,6 +22,7 @@ from torch import nn
 from .config import GPT2Config
 from .errors import GPT2LabError
 from .hooks import HookedModule, HookPoint
+from .quantize import linear
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -122,12 +123,19 @@ class LayerNorm(nn.Module):
         return self.hook_normalized(x / scale) * self.weight + self.bias
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` that runs inference on the fastest CPU kernel (`quantize.linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.d_head = layer, cfg.n_heads, cfg.d_head
-        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused q, k, v
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)  # W_O
+        self.c_attn = Linear(cfg.d_model, 3 * cfg.d_model)  # fused q, k, v
+        self.c_proj = Linear(cfg.d_model, cfg.d_model)  # W_O
         self.scale = 1 / math.sqrt(cfg.d_head) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             self.scale /= layer + 1
@@ -158,6 +166,13 @@ class Attention(nn.Module):
             scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
             pattern = self.hook_pattern(scores.softmax(-1))
             z = pattern @ v
+        elif T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # One query (decoding): CPU attention in bf16 costs ~0.9 us per cached key, in
+            # float32 ~0.12 us; converting keys and values first is 4x faster at 1000 keys.
+            z = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(),
+                attn_mask=mask.mask, is_causal=mask.causal, scale=self.scale,
+            ).to(x.dtype)  # fmt: skip
         else:
             z = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.mask, is_causal=mask.causal, scale=self.scale
@@ -174,8 +189,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp)  # W_in
-        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model)  # W_out
+        self.c_fc = Linear(cfg.d_model, cfg.d_mlp)  # W_in
+        self.c_proj = Linear(cfg.d_mlp, cfg.d_model)  # W_out
         self.act = activation(cfg.act_fn)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()
@@ -225,7 +240,7 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
         weight = tied if self.weight is None else self.weight
-        return self.hook_out(F.linear(self.hook_in(x), weight, self.bias))
+        return self.hook_out(linear(self.hook_in(x), weight, self.bias))
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,22 @@
-"""Int8 weight-only quantization of the transformer blocks, for fast CPU decoding.
+"""Fast CPU inference: the matmul kernel for each case, and int8 weight-only quantization.
+
+`linear(x, weight, bias)` is `F.linear` on the fastest kernel this CPU has when no
+gradient is needed; every linear layer of the model and the unembedding go through it.
+Decoding a token is one matrix-vector product per weight, bound by how fast the
+weights stream from memory, and `F.linear`'s default kernels fall well short of that.
+Measured on the 2-core AVX-512 machine (the 96 block weights of a gpt2-medium step):
+- float32: MKL's sgemm (what `F.linear` calls) takes 1.7-1.9x as long as oneDNN's
+  matmul on the very same [out, in] weight at 1-16 rows (73 vs 42 ms at one row; the
+  50257-row unembedding 12 vs 5 ms), and still 1.2-1.3x at hundreds of rows. So
+  float32 inference runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
+  Inductor emits for linear layers on CPU): no copy or repacking of the weights,
+  float32 accumulation in another order (results differ from MKL's in the last bits).
+- bfloat16, one row: `F.linear` goes to oneDNN, 2-2.5x slower here than ATen's own
+  bf16 matrix-vector kernel (float32 accumulation, one pass over the weight: 17 vs
+  38 ms), which runs when oneDNN is switched off for the call. From two rows on
+  oneDNN wins, and `F.linear` is used as is.
+Anything else (autograd on, other devices or dtypes, `torch.compile` tracing, no
+oneDNN, or oneDNN switched off by the user) is plain `F.linear`.
 
 `quantize_int8(model)` replaces the four linear layers of every block (`attn.c_attn`,
 `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) with `Int8Linear` and moves everything
@@ -17,15 +35,19 @@ Numerics
   rounding of the activations themselves.
 - Activations: bfloat16. `y = (x @ q.T) * s + b`, computed by
   `torch._weight_int8pack_mm(x, q, s)` (float32 accumulation inside the kernel,
-  bf16 output) plus the bias in bf16. That kernel reads 1 byte per weight, which is
-  what makes batch-1 decoding (a memory-bound GEMV) faster. With float32 activations
-  the same kernel is several times *slower* than a dense float32 GEMV on CPU, so the
-  quantized model computes in bf16; hand `dtype=torch.float32` only for checks.
+  bf16 output) plus the bias in bf16. That kernel reads 1 byte per weight, but at one
+  row it is bound by its own int8-to-float conversion (about 9 G weights/s per core
+  here), not by memory: a gpt2-medium step's block weights take ~18 ms, no less than
+  `linear`'s bf16 GEMV over twice the bytes. Its gain over bf16 is half the memory.
+  With float32 activations the same kernel is several times *slower* than a dense
+  float32 GEMV on CPU, so the quantized model computes in bf16; hand
+  `dtype=torch.float32` only for checks.
   Where the kernel is missing (older torch, non-CPU devices) the weight is
   dequantized on the fly, `F.linear(x, q * s, b)`: the same function, just slower.
 - The unembedding (tied to `wte`) stays bf16 (not quantized), as do the position
   embeddings and LayerNorms; logits are therefore bf16, and generation converts them
-  to float32 before the softmax.
+  to float32 before the softmax. (An int8 copy of the unembedding would not decode
+  faster, for the same reason: 3.2 vs 3.3 ms per token, and 51 MB more memory.)
 
 Hook points live in the blocks, not in the linear modules, so every hook still
 fires; `c_attn.weight` and friends (and so `W_Q`, `W_O`, `hook_result`, ...) return
@@ -35,6 +57,8 @@ on load instead) nor quantized again.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +67,46 @@ from .errors import GPT2LabError
 
 QUANTIZE_MODES = ("int8",)
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+# oneDNN's matmul on a plain (unpacked) weight: measured on x86 only. A call costs ~15 us
+# more than MKL's, so small weights (a toy model's 192 x 64) stay on MKL.
+_ONEDNN = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+ONEDNN_MIN_WEIGHT = 1 << 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, on the fastest CPU kernel when no gradient is needed
+    (see the module docstring); with autograd on, or anywhere else, exactly `F.linear`."""
+    if (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()
+    ):
+        if x.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+            return _bf16_gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One bf16 row through ATen's own GEMV: `F.linear` with oneDNN switched off for the
+    call (a process-wide flag, restored at once; torch's test mode forbids flipping it)."""
+    if torch.backends.flags_frozen():
+        return F.linear(x, weight, bias)
+    torch.backends.mkldnn.enabled = False
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

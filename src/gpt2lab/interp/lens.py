@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GPT2LabError
+from ..quantize import linear
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -75,7 +76,7 @@ def unembed_residual(model: GPT2, resid: torch.Tensor) -> torch.Tensor:
     for lens rows), so it repeats the two operations rather than calling the modules.
     """
     weight, bias = unembedding(model)
-    return F.linear(final_norm(model, resid).to(weight.dtype), weight, bias)
+    return linear(final_norm(model, resid).to(weight.dtype), weight, bias)  # the model's kernel
 
 
 def kl_to_final(final_logp: torch.Tensor, lens_logp: torch.Tensor) -> torch.Tensor:
