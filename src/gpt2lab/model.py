@@ -12,7 +12,7 @@ and pattern when a hook asks for them, otherwise it runs through
 from __future__ import annotations
 
 import math
-from functools import cached_property, partial
+from functools import cached_property, lru_cache, partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -130,6 +130,13 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+@lru_cache(maxsize=8)
+def _future(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """[T, S] True where a query would see a later key: the causal mask's complement,
+    made once per shape (every layer of every forward asks for the same one)."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
@@ -158,12 +165,12 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # -> [B, H, past + T, dh]
 
         if self.hook_attn_scores.fns or self.hook_pattern.fns:
-            allowed = mask.mask
-            if allowed is None:  # plain causal (or a single query that sees everything)
-                S = k.shape[2]
-                allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            scores = (q @ k.transpose(-1, -2)) * self.scale
-            scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
+            if mask.mask is None:  # plain causal (or a single query that sees everything)
+                hidden = _future(T, k.shape[2], x.device)
+            else:
+                hidden = ~mask.mask
+            scores = (q * self.scale) @ k.transpose(-1, -2)  # scaling q: T x dh, not T x T
+            scores = self.hook_attn_scores(scores.masked_fill_(hidden, float("-inf")))
             pattern = self.hook_pattern(scores.softmax(-1))
             z = pattern @ v
         elif T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
