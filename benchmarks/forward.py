@@ -41,13 +41,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 from machine import print_machine
+from timing import interleaved_rounds, show_rounds
 
 import gpt2lab
 
@@ -61,22 +61,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---- timing -------------------------------------------------------------------------
-def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Run each function once per round, in turn; return every round's seconds per name."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def show_rounds(times: dict[str, list[float]]) -> None:
-    for name, ts in times.items():
-        print(f"  {name:<24} rounds (s): " + " ".join(f"{t:.3f}" for t in ts))
-
-
 def forward_flops(tokens: int) -> float:
     """FLOPs of one forward over `tokens` positions (a multiply-add counts as 2).
 

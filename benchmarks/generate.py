@@ -42,12 +42,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 from machine import print_machine
+from timing import interleaved_rounds, show_rounds
 
 import gpt2lab
 from gpt2lab.checkpoint import load  # gpt2lab.load does not pass quantize= on (yet)
@@ -131,22 +131,6 @@ def weight_bytes(model) -> int:
     )
     unembed = model.wte.weight if model.unembed.weight is None else model.unembed.weight
     return total + unembed.numel() * unembed.element_size()
-
-
-def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Run each function once per round, in turn; return every round's seconds per name."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def show_rounds(times: dict[str, list[float]]) -> None:
-    for name, ts in times.items():
-        print(f"  {name:<24} rounds (s): " + " ".join(f"{t:.3f}" for t in ts))
 
 
 def ratio_table(

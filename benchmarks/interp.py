@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
 from machine import print_machine
+from timing import interleaved_rounds, show_rounds
 
 import gpt2lab
 
@@ -37,17 +37,11 @@ N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_CTX = 24, 1024, 16, 50257, 1024
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best seconds per name over `rounds` rounds, running each fn once per round in turn."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
+    """Best seconds per name after one warm-up each (every round printed to stderr)."""
+    for fn in fns.values():
         fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    for name, ts in times.items():
-        print(f"  {name:<28} rounds (s): " + " ".join(f"{t:.3f}" for t in ts), file=sys.stderr)
+    times = interleaved_rounds(fns, rounds)
+    show_rounds(times, file=sys.stderr)
     return {name: min(ts) for name, ts in times.items()}
 
 

@@ -33,3 +33,13 @@ def small_ckpt(tmp_path_factory, hf_small):
     path = tmp_path_factory.mktemp("hf_small")
     hf_small.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of hundreds of tiny forward passes: one thread avoids OpenMP's per-op
+    hand-off cost, which on a 2-core machine costs several times the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

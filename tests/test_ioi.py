@@ -37,14 +37,7 @@ def hf_tok():
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of tiny forward passes: one thread avoids OpenMP's per-op hand-off cost,
-    which on this 2-core machine costs several times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

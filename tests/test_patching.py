@@ -34,14 +34,7 @@ def hf_tiny_vocab():
     return hf_model(seed=1, vocab_size=VOCAB)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of tiny forward passes: one thread avoids OpenMP's per-op hand-off cost,
-    which on this 2-core machine costs several times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
