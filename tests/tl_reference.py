@@ -55,21 +55,12 @@ def hooked_transformer(model, *, processed: bool = False, **cfg_extra):
         warnings.simplefilter("ignore")
         if processed:
             cfg.normalization_type = "LNPre"  # what from_pretrained does when folding LN
-            ref = HookedTransformer(cfg)
-            ref.load_and_process_state_dict(
-                state,
-                fold_ln=True,
-                center_writing_weights=True,
-                center_unembed=True,
-                fold_value_biases=True,
-            )
-        else:
-            ref = HookedTransformer(cfg)
-            ref.load_and_process_state_dict(
-                state,
-                fold_ln=False,
-                center_writing_weights=False,
-                center_unembed=False,
-                fold_value_biases=False,
-            )
+        ref = HookedTransformer(cfg)
+        ref.load_and_process_state_dict(
+            state,
+            fold_ln=processed,
+            center_writing_weights=processed,
+            center_unembed=processed,
+            fold_value_biases=processed,
+        )
     return ref.eval()

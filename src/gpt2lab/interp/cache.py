@@ -273,17 +273,10 @@ class ActivationCache(Mapping):
         layer = self._layer(layer)
         H = self.model.cfg.n_heads
         labels = [f"L{i}H{h}" for i in range(layer) for h in range(H)]
-        if layer:
-            heads = [_slice(self._head_result(i), pos_slice, -3) for i in range(layer)]
-            stack = torch.cat(heads, dim=-2).movedim(-2, 0)
-        else:
-            stack = self._empty_stack(pos_slice)
-        if incl_remainder:
-            stack = torch.cat([stack, self._remainder(stack, layer, pos_slice)])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        heads = [_slice(self._head_result(i), pos_slice, -3) for i in range(layer)]
+        return self._component_stack(
+            heads, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels
+        )
 
     def get_neuron_results(
         self, layer: int, neuron_slice: Any = None, pos_slice: Any = None
@@ -315,17 +308,10 @@ class ActivationCache(Mapping):
         index = _neuron_index(neuron_slice, d_mlp)
         neurons = list(range(d_mlp)) if index is None else index.tolist()
         labels = [f"L{i}N{n}" for i in range(layer) for n in neurons]
-        if layer:
-            parts = [self.get_neuron_results(i, index, pos_slice) for i in range(layer)]
-            stack = torch.cat(parts, dim=-2).movedim(-2, 0)
-        else:
-            stack = self._empty_stack(pos_slice)
-        if incl_remainder:
-            stack = torch.cat([stack, self._remainder(stack, layer, pos_slice)])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        parts = [self.get_neuron_results(i, index, pos_slice) for i in range(layer)]
+        return self._component_stack(
+            parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels
+        )
 
     def apply_ln_to_stack(
         self,
@@ -443,6 +429,29 @@ class ActivationCache(Mapping):
         """The residual stream entering `layer` minus the stacked parts, as a 1-part stack."""
         resid = self._act("resid_post", layer - 1) if layer else self._act("resid_pre", 0)
         return (_slice(resid, pos_slice, -2) - stack.sum(0))[None]
+
+    def _component_stack(
+        self,
+        parts: list[torch.Tensor],
+        labels: list[str],
+        layer: int,
+        pos_slice: Any,
+        incl_remainder: bool,
+        apply_ln: bool,
+        return_labels: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Per-layer [..., components, d_model] parts -> one [components, ..., d_model]
+        stack, with the shared options of stack_head_results / stack_neuron_results."""
+        if parts:
+            stack = torch.cat(parts, dim=-2).movedim(-2, 0)
+        else:
+            stack = self._empty_stack(pos_slice)
+        if incl_remainder:
+            stack = torch.cat([stack, self._remainder(stack, layer, pos_slice)])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
 
     def _empty_stack(self, pos_slice: Any) -> torch.Tensor:
         like = _slice(self._act("hook_embed"), pos_slice, -2)
