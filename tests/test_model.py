@@ -107,6 +107,73 @@ def test_half_precision_close_to_fp32(pair, dtype):
     assert top_agree > 0.9
 
 
+def attention_f64(q, k, v, allowed, scale):
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_after_cache", "shared_mask"])
+def test_bmm_attention_is_attention(case):
+    # bf16 prefill on CPU runs attention as baddbmm + in-place softmax + bmm
+    # (model._bmm_attention); it must be softmax(q k^T * scale + mask) v.
+    from gpt2lab.model import _bmm_attention
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, T, S, dh = 2, 4, 9, 9 if case == "causal" else 14, 16
+    q, k, v = (torch.randn(B, H, n, dh, generator=gen).bfloat16() for n in (T, S, S))
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    if case == "shared_mask":
+        allowed = causal & (torch.rand(T, S, generator=gen) > 0.3)
+        allowed[:, 0] = True  # every query sees at least one key
+    else:
+        allowed = causal
+    with torch.inference_mode():
+        got = _bmm_attention(q, k, v, None if case != "shared_mask" else allowed, 0.25)
+    ref = attention_f64(q, k, v, allowed, 0.25)
+    assert got.shape == (B, H, T, dh) and got.dtype == torch.bfloat16
+    err = (got.double() - ref).abs().max().item()
+    print(f"{case}: max |diff| vs float64 attention {err:.4f}")
+    assert err < 2**-6 * ref.abs().max().item()
+
+
+@torch.no_grad()
+def test_bf16_prefill_takes_bmm_attention_and_agrees_with_sdpa(pair, monkeypatch):
+    # The same bf16 model with the bmm path off (torch's SDPA kernel) is the reference:
+    # plain prefill, a prefill after a cached prefix, and a left-padded batch (SDPA).
+    import gpt2lab.model as model_module
+
+    ours, _ = pair
+    half = gl.GPT2(ours.cfg)
+    half.load_state_dict(ours.state_dict())
+    half = half.to(torch.bfloat16)
+    calls = []
+    real = model_module._bmm_attention
+    monkeypatch.setattr(model_module, "_bmm_attention", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        x = tokens(1, 40, seed=11)
+        full = half(x)
+        cache = half.new_cache(1, 40)
+        chunked = torch.cat([half(x[:, :25], cache=cache), half(x[:, 25:], cache=cache)], 1)
+        ids, mask = left_padded([7, 19])
+        return full, chunked, half(ids, attention_mask=mask)[mask.bool()]
+
+    with torch.inference_mode():
+        fast = run()
+    assert len(calls) == 3 * ours.cfg.n_layers  # full, both chunks; not the padded batch
+    monkeypatch.setattr(model_module, "BMM_ATTENTION_MAX", 0)
+    with torch.inference_mode():
+        slow = run()
+    assert len(calls) == 3 * ours.cfg.n_layers
+    ref = ours(tokens(1, 40, seed=11))
+    for got, want in zip(fast, slow):
+        scale = want.float().abs().mean().item()
+        assert (got.float() - want.float()).abs().mean().item() < 0.05 * scale
+    for got in (fast[0], fast[1], slow[0]):  # both bf16 paths equally close to fp32
+        print(f"mean |bf16 - fp32| {(got.float() - ref).abs().mean():.4f}")
+        assert (got.float() - ref).abs().mean().item() < 12 * 2**-8 * ref.abs().mean().item()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -313,3 +380,18 @@ def test_gpt2_medium_dimensions_match_transformers(tmp_path):
     real = mask.bool()
     theirs = hf(ids, attention_mask=mask, position_ids=position_ids).logits
     assert (ours(ids, attention_mask=mask)[real] - theirs[real]).abs().max().item() < 1e-4
+
+
+def test_masks_cached_under_inference_mode_serve_autograd_later(pair):
+    # The causal masks are cached per shape; one first made under inference_mode must
+    # still work in a later forward that autograd records (and give the same logits).
+    ours, _ = pair
+    x = tokens(1, 33, seed=12)
+    hook = [("blocks.0.attn.hook_pattern", lambda t, hook: t)]  # forces the explicit path
+    with torch.inference_mode():
+        first = ours.run_with_hooks(x, fwd_hooks=hook)
+    out = ours.run_with_hooks(x, fwd_hooks=hook)
+    out.sum().backward()
+    assert ours.wte.weight.grad is not None
+    ours.zero_grad(set_to_none=True)
+    assert torch.equal(out.detach(), first)

@@ -128,6 +128,34 @@ def test_linear_is_f_linear_on_faster_kernels(dtype, rows):
     torch.testing.assert_close(wp.grad, x.float().reshape(-1, 256).sum(0).expand(640, 256))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu_erf"])
+def test_linear_with_fused_activation(dtype, rows, act):
+    # oneDNN applies the GELU to the float32 accumulator; elsewhere it runs after
+    # F.linear. Both must be the exact GELU of the exact product (float64 reference).
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(640, 256, generator=gen) * 0.1).to(dtype)
+    b = (torch.randn(640, generator=gen) * 0.1).to(dtype)
+    x = torch.randn(2, rows, 256, generator=gen).to(dtype)
+    approximate = "tanh" if act == "gelu_tanh" else "none"
+    ref = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate=approximate)
+    with torch.inference_mode():
+        fast = linear(x, w, b, act)
+    slow = linear(x, w, b, act)  # autograd on: F.linear, then F.gelu
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    scale = ref.abs().max().item()
+    for got in (fast, slow):
+        assert got.shape == (2, rows, 640) and got.dtype == dtype
+        assert (got.double() - ref).abs().max().item() <= tol * scale
+    if dtype == torch.float32:  # the two GELUs differ by more than the tolerance
+        pre = F.linear(x.double(), w.double(), b.double())
+        other = F.gelu(pre, approximate="none" if approximate == "tanh" else "tanh")
+        assert (other - ref).abs().max().item() > 5 * tol * scale
+    with pytest.raises(GPT2LabError, match="unknown activation"):
+        linear(x, w, b, "swish")
+
+
 def test_int8_model_logits_close_to_fp32(ckpt, fp32_model, int8_model):
     assert is_quantized(int8_model) and not is_quantized(fp32_model)
     for block in int8_model.blocks:
