@@ -166,7 +166,7 @@ def test_bf16_prefill_takes_bmm_attention_and_agrees_with_sdpa(pair, monkeypatch
         slow = run()
     assert len(calls) == 3 * ours.cfg.n_layers
     ref = ours(tokens(1, 40, seed=11))
-    for got, want in zip(fast, slow):
+    for got, want in zip(fast, slow, strict=True):
         scale = want.float().abs().mean().item()
         assert (got.float() - want.float()).abs().mean().item() < 0.05 * scale
     for got in (fast[0], fast[1], slow[0]):  # both bf16 paths equally close to fp32

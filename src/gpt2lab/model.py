@@ -165,7 +165,9 @@ def _bmm_attention(q, k, v, allowed: torch.Tensor | None, scale: float) -> torch
     if allowed is None:
         bias = _future_bias(T, S, q.dtype, q.device)
     else:
-        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(
+            ~allowed, float("-inf")
+        )
     q, k, v = (t.reshape(B * H, -1, dh) for t in (q, k, v))
     # A transposed key operand is ~1.5x slower in bmm than copying it first (1 MB).
     scores = torch.baddbmm(bias, q, k.transpose(1, 2).contiguous(), alpha=scale)
@@ -240,7 +242,6 @@ class Attention(nn.Module):
             return result.sum(2) + self.c_proj.bias
         return self.c_proj(z.reshape(B, T, D))
 
-
     @staticmethod
     def _bmm_attention_fits(q: torch.Tensor, k: torch.Tensor, mask: AttnMask) -> bool:
         """bf16 prefill on CPU, inference only, one mask for the whole batch, scores that
@@ -268,8 +269,10 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_act and isinstance(self.c_fc, Linear) and not (
-            self.hook_pre.fns or self.hook_post.fns
+        if (
+            self.fused_act
+            and isinstance(self.c_fc, Linear)
+            and not (self.hook_pre.fns or self.hook_post.fns)
         ):  # nothing needs the pre-activations: let the matmul apply the GELU
             return self.c_proj(self.c_fc(x, act=self.fused_act))
         return self.c_proj(self.hook_post(self.act(self.hook_pre(self.c_fc(x)))))

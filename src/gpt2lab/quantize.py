@@ -96,7 +96,9 @@ def linear(
     c_fc at 512 rows).
     """
     if act != "none" and act not in FUSED_ACTIVATIONS:
-        raise GPT2LabError(f"linear: unknown activation {act!r} (known: {', '.join(FUSED_ACTIVATIONS)})")
+        raise GPT2LabError(
+            f"linear: unknown activation {act!r} (known: {', '.join(FUSED_ACTIVATIONS)})"
+        )
     if (
         _ONEDNN
         and x.device.type == "cpu"
