@@ -108,8 +108,10 @@ def test_gradients_of_cached_activations_match_transformer_lens(pair):
         logits = ours(x)
     wanted = [n[: -len("_grad")] for n in ln1]
     grads_ref = torch.autograd.grad(loss(logits), [acts[n] for n in wanted])
+    # (that forward hooks ln1 only, so attention and the other LayerNorms take other
+    # kernels than in run_with_cache: float32 rounding differs, hence 5e-6 here)
     for name, grad in zip(wanted, grads_ref, strict=True):
-        assert (cache[name + "_grad"] - grad).abs().max().item() < 1e-6, name
+        assert (cache[name + "_grad"] - grad).abs().max().item() < 5e-6, name
     ours.zero_grad(set_to_none=True)
     ref.zero_grad(set_to_none=True)
     with pytest.raises(GPT2LabError, match="scalar"):

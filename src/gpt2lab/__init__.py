@@ -7,8 +7,11 @@ model.generate("The capital of France is", max_new_tokens=20)
 
 from .config import GPT2Config
 from .errors import GPT2LabError
+from .memory import keep_freed_memory
 from .model import GPT2, KVCache
 from .tokenizer import Tokenizer
+
+keep_freed_memory()  # freed activations stay in the heap for reuse (see gpt2lab.memory)
 
 __version__ = "0.1.0"
 
@@ -23,4 +26,13 @@ def load(name_or_path=None, *, dtype=None, device=None, quantize=None, process=F
     return _load(name_or_path, dtype=dtype, device=device, quantize=quantize, process=process)
 
 
-__all__ = ["GPT2", "GPT2Config", "GPT2LabError", "KVCache", "Tokenizer", "load", "__version__"]
+__all__ = [
+    "GPT2",
+    "GPT2Config",
+    "GPT2LabError",
+    "KVCache",
+    "Tokenizer",
+    "keep_freed_memory",
+    "load",
+    "__version__",
+]

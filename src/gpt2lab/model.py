@@ -114,13 +114,13 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_scale is None and not (self.hook_scale.fns or self.hook_normalized.fns):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        x = x - x.mean(-1, keepdim=True)
+        x = x - x.mean(-1, keepdim=True)  # (torch.var_mean is 5x slower here)
         if self.fixed_scale is None:
-            scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            scale = (x.square().mean(-1, keepdim=True) + self.eps).sqrt()
         else:
             scale = torch.full_like(x[..., :1], self.fixed_scale)
         scale = self.hook_scale(scale)
-        return self.hook_normalized(x / scale) * self.weight + self.bias
+        return torch.addcmul(self.bias, self.hook_normalized(x / scale), self.weight)
 
 
 # Our activations that `quantize.linear` can fuse into the matmul, by HF name.
@@ -136,52 +136,64 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, act)
 
 
-@lru_cache(maxsize=8)
-def _future(T: int, S: int, device: torch.device) -> torch.Tensor:
-    """[T, S] True where a query would see a later key: the causal mask's complement,
-    made once per shape (every layer of every forward asks for the same one). Made as a
-    normal tensor even under inference mode, so a later autograd forward may use it."""
-    with torch.inference_mode(False):
-        return torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
-
-
 # Most scores (batch x heads x queries x keys) `_bmm_attention` holds at once (64 MB in
 # bf16); bigger prefills take torch's attention kernel, which works in tiles.
 BMM_ATTENTION_MAX = 1 << 25
 
 
-def _bmm_attention(q, k, v, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention as two batched matmuls, the mask added inside the first (`baddbmm`).
+def _shared_mask(mask: AttnMask) -> tuple[bool, torch.Tensor | None]:
+    """(whether every row of the batch has the same mask, that [query, key] mask or None
+    for plain causal masking)."""
+    if mask.mask is None:
+        return True, None
+    if mask.mask.dim() == 2:
+        return True, mask.mask
+    if mask.mask.shape[0] == 1:
+        return True, mask.mask[0, 0]
+    return False, None
 
-    For bf16 prefill on CPU: torch's flash-attention kernel takes 8-9 ms per gpt2-medium
-    layer at 512 tokens here, this 5.0 ms (18% -> 11% of the whole forward), since
-    oneDNN's bf16 matmuls run near peak and the mask costs no extra pass. The scores are
-    rounded to bf16 before the softmax (which computes in float32), as in HF's eager
-    attention. `allowed` is a [query, key] mask shared by the batch (True = attend), or
-    None for plain causal masking.
-    """
+
+def _masked_scores(q, k, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q k^T * scale with -inf where `allowed` (a [query, key] mask shared by the batch;
+    None = causal) is False, as one `baddbmm` [batch * heads, query, key]: the mask is
+    added inside the matmul, not by another pass over the scores."""
     B, H, T, dh = q.shape
     S = k.shape[2]
     if allowed is None:
         bias = _future_bias(T, S, q.dtype, q.device)
     else:
-        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(
-            ~allowed, float("-inf")
-        )
-    q, k, v = (t.reshape(B * H, -1, dh) for t in (q, k, v))
+        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~allowed, float("-inf"))
     # A transposed key operand is ~1.5x slower in bmm than copying it first (1 MB).
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2).contiguous(), alpha=scale)
+    k_t = k.reshape(B * H, S, dh).transpose(1, 2).contiguous()
+    return torch.baddbmm(bias, q.reshape(B * H, T, dh), k_t, alpha=scale)
+
+
+def _bmm_attention(q, k, v, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention as two batched matmuls, the mask added inside the first.
+
+    For bf16 prefill on CPU: torch's flash-attention kernel takes 8-9 ms per gpt2-medium
+    layer at 512 tokens here, this 5.0 ms (18% -> 11% of the whole forward), since
+    oneDNN's bf16 matmuls run near peak and the mask costs no extra pass. The scores are
+    rounded to bf16 before the softmax (which computes in float32), as in HF's eager
+    attention.
+    """
+    B, H, T, dh = q.shape
+    scores = _masked_scores(q, k, allowed, scale)
     # In place: a second fresh buffer of scores costs page faults, as much as the matmul.
     torch.softmax(scores, -1, out=scores)
-    return torch.bmm(scores, v).view(B, H, T, dh)
+    return torch.bmm(scores, v.reshape(B * H, -1, dh)).view(B, H, T, dh)
 
 
 @lru_cache(maxsize=8)
 def _future_bias(T: int, S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The causal mask as an additive [T, S] bias: 0 where a query sees a key, -inf after."""
+    """The causal mask as an additive [T, S] bias: 0 where a query may see a key, -inf
+    where the key is later. Made once per shape (every layer of every forward asks for
+    the same one); made as a normal tensor even under inference mode, so that a later
+    forward recorded by autograd may use it too."""
     with torch.inference_mode(False):
-        zeros = torch.zeros(T, S, dtype=dtype, device=device)
-        return zeros.masked_fill_(_future(T, S, device), float("-inf"))
+        future = torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
+        return torch.zeros(T, S, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -211,18 +223,18 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # -> [B, H, past + T, dh]
 
-        if self.hook_attn_scores.fns or self.hook_pattern.fns:
-            if mask.mask is None:  # plain causal (or a single query that sees everything)
-                hidden = _future(T, k.shape[2], x.device)
-            else:
-                hidden = ~mask.mask
-            scores = (q * self.scale) @ k.transpose(-1, -2)  # scaling q: T x dh, not T x T
-            scores = self.hook_attn_scores(scores.masked_fill_(hidden, float("-inf")))
+        shared, allowed = _shared_mask(mask)
+        if self.hook_attn_scores.fns or self.hook_pattern.fns:  # the pattern, explicitly
+            if shared:
+                scores = _masked_scores(q, k, allowed, self.scale).view(B, H, T, -1)
+            else:  # per-row masks (a left-padded batch)
+                scores = (q * self.scale) @ k.transpose(-1, -2)  # scaling q, not T x T
+                scores.masked_fill_(~mask.mask, float("-inf"))
+            scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(scores.softmax(-1))
             z = pattern @ v
-        elif self._bmm_attention_fits(q, k, mask):
-            shared = mask.mask if mask.mask is None or mask.mask.dim() == 2 else mask.mask[0, 0]
-            z = _bmm_attention(q, k, v, shared, self.scale)
+        elif shared and self._bmm_attention_fits(q, k):
+            z = _bmm_attention(q, k, v, allowed, self.scale)
         elif T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             # One query (decoding): CPU attention in bf16 costs ~0.9 us per cached key, in
             # float32 ~0.12 us; converting keys and values first is 4x faster at 1000 keys.
@@ -243,19 +255,17 @@ class Attention(nn.Module):
         return self.c_proj(z.reshape(B, T, D))
 
     @staticmethod
-    def _bmm_attention_fits(q: torch.Tensor, k: torch.Tensor, mask: AttnMask) -> bool:
-        """bf16 prefill on CPU, inference only, one mask for the whole batch, scores that
-        fit BMM_ATTENTION_MAX: where `_bmm_attention` beats torch's kernel."""
+    def _bmm_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """bf16 prefill on CPU, inference only, scores that fit BMM_ATTENTION_MAX: where
+        `_bmm_attention` beats torch's kernel (given one mask for the whole batch)."""
         B, H, T, _ = q.shape
         return (
             T > 1
             and q.dtype == torch.bfloat16
             and q.device.type == "cpu"
             and not torch.is_grad_enabled()
-            and (mask.mask is None and mask.causal or mask.mask is not None
-                 and (mask.mask.dim() == 2 or mask.mask.shape[0] == 1))
             and B * H * T * k.shape[2] <= BMM_ATTENTION_MAX
-        )  # fmt: skip
+        )
 
 
 class MLP(nn.Module):
