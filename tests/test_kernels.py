@@ -1,0 +1,79 @@
+"""The VNNI int8 kernel (gpt2lab.kernels) against float64 matrix products."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2lab import kernels
+from gpt2lab.quantize import Int8Linear, quantize_weight
+
+needs_vnni = pytest.mark.skipif(not kernels.cpu_has_vnni(), reason="CPU without AVX-512 VNNI")
+
+
+def reference(x, q, scales, bias):
+    y = x.double() @ (q.double() * scales.double()[:, None]).T
+    return y if bias is None else y + bias.double()
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k", [64, 320, 1024])  # 320: the 64-byte tail after 256-byte steps
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_gemv_is_the_matrix_product(rows, k, with_bias):
+    gemv = kernels.int8_gemv()
+    assert gemv is not None  # builds on this machine
+    gen = torch.Generator().manual_seed(k + rows)
+    w = torch.randn(200, k, generator=gen) * 0.05
+    q, scales = quantize_weight(w)
+    bias = torch.randn(200, generator=gen) if with_bias else None
+    x = torch.randn(rows, k, generator=gen) * 3
+    x[0, 5] = 40.0  # an outlier sets the row's scale
+    if rows > 1:
+        x[1] = 0.0  # an all-zero row: the output is the bias
+    y = gemv(x, q, q.sum(1, dtype=torch.int32), scales, bias if with_bias else torch.empty(0))
+    ref = reference(x, q, scales, bias)
+    # activations are exact to max|x_row| / (127 * 508) per element (16 bits)
+    bound = (q.double().abs() * scales.double()[:, None]).sum(1) * x.abs().amax(1, keepdim=True)
+    bound = bound.double() / (127 * 508) + 1e-4
+    err = (y.double() - ref).abs()
+    print(f"rows {rows} k {k}: max err {err.max():.2e}, max |y| {ref.abs().max():.2f}")
+    assert y.shape == (rows, 200) and y.dtype == torch.float32
+    assert (err <= bound).all()
+    if rows > 1:
+        assert torch.equal(y[1], bias if with_bias else torch.zeros(200))
+
+
+@needs_vnni
+def test_int8_linear_uses_the_kernel_for_few_rows_and_is_finer_than_bf16():
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(512, 384)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(384, 512, generator=gen) * 0.05)
+    layer = Int8Linear.from_linear(lin)  # bf16 compute
+    ref_q, ref_s = layer.q_weight, layer.scales.float()
+    x = torch.randn(1, 4, 512, generator=gen).bfloat16()
+    ref = reference(x.reshape(4, 512), ref_q, ref_s, layer.bias.float())
+    with torch.inference_mode():
+        fast = layer(x).reshape(4, 384)  # 4 rows: the kernel
+        torch_kernel = torch._weight_int8pack_mm(x.reshape(4, 512), ref_q, layer.scales)
+        torch_kernel = torch_kernel + layer.bias
+    err_fast = (fast.double() - ref).abs().max().item()
+    err_torch = (torch_kernel.double() - ref).abs().max().item()
+    print(f"max err: VNNI kernel {err_fast:.4f}, torch's int8 kernel {err_torch:.4f}")
+    assert fast.dtype == torch.bfloat16
+    # both end in a bf16 output; the kernel's products themselves are finer
+    assert err_fast <= 2**-8 * ref.abs().max().item()
+    assert err_fast <= err_torch * 1.01
+
+
+def test_kernel_can_be_switched_off():
+    script = "from gpt2lab import kernels; print(kernels.int8_gemv() is None)"
+    env = dict(os.environ, GPT2LAB_INT8_KERNEL="0")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
