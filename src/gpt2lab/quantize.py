@@ -34,21 +34,27 @@ Numerics
 - The scales are then stored in the compute dtype (bfloat16), which rounds each
   `s_i` by a relative 2**-9 at most: a per-row gain error, far below the bf16
   rounding of the activations themselves.
-- Activations: bfloat16. `y = (x @ q.T) * s + b`, computed by
+- Activations: bfloat16. Decoding (at most KERNEL_MAX_ROWS rows, bf16/fp16 compute,
+  no autograd) runs gpt2lab's AVX-512 VNNI kernel (gpt2lab/kernels): each row of x is
+  turned into two int8 halves (16 bits over the row's range, finer than bf16), the
+  products are int8 x int8 summed in int32, then `y = s_x * s_i * sum + b` in float32
+  and rounded to bf16. It reads each weight once as one byte: ~13 ms for a
+  gpt2-medium step's block weights here, against ~18 ms for torch's kernel below.
+- Otherwise (prefill, no kernel): `y = (x @ q.T) * s + b`, computed by
   `torch._weight_int8pack_mm(x, q, s)` (float32 accumulation inside the kernel,
-  bf16 output) plus the bias in bf16. That kernel reads 1 byte per weight, but at one
-  row it is bound by its own int8-to-float conversion (about 9 G weights/s per core
-  here), not by memory: a gpt2-medium step's block weights take ~18 ms, no less than
-  `linear`'s bf16 GEMV over twice the bytes. Its gain over bf16 is half the memory.
+  bf16 output) plus the bias in bf16. That kernel reads 1 byte per weight, but it is
+  bound by its own int8-to-float conversion (about 9 G weights/s per core here), not
+  by memory: at one row no faster than `linear`'s bf16 GEMV over twice the bytes.
   With float32 activations the same kernel is several times *slower* than a dense
   float32 GEMV on CPU, so the quantized model computes in bf16; hand
-  `dtype=torch.float32` only for checks.
-  Where the kernel is missing (older torch, non-CPU devices) the weight is
+  `dtype=torch.float32` only for checks (it never takes the VNNI kernel).
+  Where torch's kernel is missing (older torch, non-CPU devices) the weight is
   dequantized on the fly, `F.linear(x, q * s, b)`: the same function, just slower.
 - The unembedding (tied to `wte`) stays bf16 (not quantized), as do the position
   embeddings and LayerNorms; logits are therefore bf16, and generation converts them
-  to float32 before the softmax. (An int8 copy of the unembedding would not decode
-  faster, for the same reason: 3.2 vs 3.3 ms per token, and 51 MB more memory.)
+  to float32 before the softmax. (With torch's int8 kernel an int8 copy of the
+  unembedding decoded no faster, 3.2 vs 3.3 ms per token, for 51 MB more memory;
+  with the VNNI kernel it might save ~1 ms per token: not done.)
 
 Hook points live in the blocks, not in the linear modules, so every hook still
 fires; `c_attn.weight` and friends (and so `W_Q`, `W_O`, `hook_result`, ...) return
