@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def _build():
     try:
         from torch.utils import cpp_extension
 
+        _say_if_building(cpp_extension)
         module = cpp_extension.load(
             name="gpt2lab_int8_gemv",
             sources=[str(Path(__file__).with_name("int8_gemv.cpp"))],
@@ -72,3 +74,14 @@ def _build():
             stacklevel=3,
         )
         return None
+
+
+def _say_if_building(cpp_extension) -> None:
+    """One line on stderr when the kernel is not built yet, so ~30 s of compiling is
+    not taken for a hang (torch's build cache is private API: silent if it moved)."""
+    try:
+        build_dir = Path(cpp_extension._get_build_directory("gpt2lab_int8_gemv", False))
+    except Exception:
+        return
+    if not any(build_dir.glob("gpt2lab_int8_gemv*.so")):
+        print("gpt2lab: building the int8 kernel (once, ~30 s) ...", file=sys.stderr, flush=True)
