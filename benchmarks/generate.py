@@ -8,7 +8,8 @@ What it measures
    tokens (16 with --quick). transformers fp32 (`hf.generate(do_sample=False,
    max_new_tokens=N, min_new_tokens=N)`) is the reference; against it run
    gpt2lab fp32, bf16 (`load(dtype="bfloat16")`), int8 (`load(quantize="int8")`: int8
-   block weights, bf16 activations, bf16 unembedding; see gpt2lab/quantize.py) and,
+   block weights, bf16 activations, bf16 unembedding; decoding on gpt2lab's VNNI
+   int8 kernel where it builds; see gpt2lab/quantize.py and gpt2lab/kernels) and,
    for reference, transformers bf16 (`.to(torch.bfloat16)`). tokens/s = new tokens /
    wall time of the whole call (prompt prefill included), and each one's ratio to
    transformers fp32. Decoding one token reads every weight once, so memory speed

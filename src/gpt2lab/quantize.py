@@ -123,7 +123,10 @@ def linear(
         if (x.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT) or (
             x.dtype == torch.bfloat16 and not one_row
         ):
-            post_op, algorithm = FUSED_ACTIVATIONS[act] if act != "none" else ("none", "")
+            if act == "none" or one_row:  # one row: oneDNN's fused GELU is ~6% slower
+                y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+                return _activate(y, act)
+            post_op, algorithm = FUSED_ACTIVATIONS[act]
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
         if x.dtype == torch.bfloat16 and one_row:
             return _activate(_bf16_gemv(x, weight, bias), act)
