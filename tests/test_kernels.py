@@ -77,3 +77,27 @@ def test_kernel_can_be_switched_off():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_failed_build_falls_back_with_one_line(tmp_path):
+    # No working compiler: one line on stderr, then torch's int8 kernel does the work.
+    script = (
+        "import torch\n"
+        "from gpt2lab import kernels\n"
+        "from gpt2lab.quantize import Int8Linear\n"
+        "layer = Int8Linear.from_linear(torch.nn.Linear(128, 64))\n"
+        "x = torch.randn(1, 128)\n"
+        "with torch.inference_mode():\n"
+        "    y = layer(x)\n"
+        "ref = torch.nn.functional.linear(x.bfloat16(), layer.weight, layer.bias)\n"
+        "print(kernels.int8_gemv() is None, float((y.float() - ref.float()).abs().max()))\n"
+    )
+    env = dict(os.environ, GPT2LAB_INT8_KERNEL="1", CXX="/bin/false",
+               TORCH_EXTENSIONS_DIR=str(tmp_path))  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    is_none, err = out.stdout.split()
+    assert is_none == "True" and float(err) < 0.02
+    if kernels.cpu_has_vnni():  # a build was tried: said once, in one line
+        lines = [ln for ln in out.stderr.splitlines() if "int8 kernel not built" in ln]
+        assert len(lines) == 1 and "Traceback" not in out.stderr

@@ -15,7 +15,7 @@ torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensio
 the first time an int8 model decodes, ~30 s once per machine and torch version. It is
 used only on x86-64 CPUs that report avx512_vnni. Where it cannot be built, or with
 `GPT2LAB_INT8_KERNEL=0` in the environment, int8 layers use `torch._weight_int8pack_mm`
-(one warning line says why, when a build was tried and failed).
+(one line on stderr says why, when a build was tried and failed).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import warnings
 from pathlib import Path
 
 _int8_gemv = None
@@ -67,11 +66,11 @@ def _build():
         return module.int8_gemv
     except Exception as err:  # no compiler, no ninja, a read-only cache: fall back
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(
-            f"gpt2lab: int8 kernel not built ({reason[:200]}); using torch's slower "
-            "int8 kernel instead",
-            RuntimeWarning,
-            stacklevel=3,
+        print(
+            f"gpt2lab: int8 kernel not built ({reason[:200]}); "
+            "using torch's slower int8 kernel instead",
+            file=sys.stderr,
+            flush=True,
         )
         return None
 
