@@ -33,10 +33,13 @@ def cpu_has_vnni() -> bool:
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    flags = next(
+        (set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set()
+    )
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
 
 
 def int8_gemv():
