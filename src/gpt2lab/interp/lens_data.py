@@ -15,14 +15,16 @@ import numpy as np
 import torch
 
 from ..errors import GPT2LabError
+from ..training.data import MANIFEST, TokenShards, TokenStream
 
 if TYPE_CHECKING:
     from ..model import GPT2
 
 
-class TokenArray:
-    """A flat token stream held in memory; draws batches the way `TokenShards` does
-    (their content depends only on (seed, index))."""
+class TokenArray(TokenStream):
+    """A flat token stream held in memory; batches are drawn as from `TokenShards`."""
+
+    what = "the lens data"
 
     def __init__(self, ids: np.ndarray):
         self.ids = ids
@@ -31,25 +33,10 @@ class TokenArray:
     def window(self, start: int, length: int) -> np.ndarray:
         return self.ids[start : start + length]
 
-    def batch(
-        self, batch_size: int, seq_len: int, seed: int, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.n_tokens <= seq_len + 1:
-            raise GPT2LabError(
-                f"the lens data has {self.n_tokens} tokens, fewer than one window of {seq_len + 1}"
-            )
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        starts = torch.randint(0, self.n_tokens - seq_len - 1, (batch_size,), generator=gen)
-        rows = np.stack([self.window(int(s), seq_len + 1) for s in starts]).astype(np.int64)
-        data = torch.from_numpy(rows)
-        return data[:, :-1], data[:, 1:]
-
 
 def token_source(model: GPT2, data: Any, split: str = "train") -> Any:
     """`data` as something with `n_tokens`, `window(start, n)` and `batch(...)`: a token
     tensor / array / list, a text file (tokenized whole), or a shards folder (`split`)."""
-    from ..training.data import MANIFEST, TokenShards
-
     if isinstance(data, (torch.Tensor, np.ndarray, list, tuple)):
         ids = torch.as_tensor(np.asarray(data)).reshape(-1).long()
         if ids.numel() == 0:

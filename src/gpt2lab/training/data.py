@@ -217,7 +217,36 @@ def read_manifest(directory: str | Path, vocab_size: int | None = None) -> dict:
     return manifest
 
 
-class TokenShards:
+class TokenStream:
+    """A flat token stream (`n_tokens`, `window(start, length)`) that training batches
+    are drawn from; `what` names it in errors. Subclasses: `TokenShards` here, the lens
+    trainer's in-memory `TokenArray`."""
+
+    n_tokens: int
+    what: str
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def batch(
+        self, batch_size: int, seq_len: int, seed: int, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `index` of the stream defined by `seed`: (inputs, targets).
+        Its content depends only on (seed, index), so a resumed run draws the same."""
+        if self.n_tokens <= seq_len + 1:
+            raise GPT2LabError(
+                f"{self.what} has {self.n_tokens} tokens, fewer than one window of {seq_len + 1}"
+            )
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        starts = torch.randint(
+            0, self.n_tokens - seq_len - 1, (batch_size,), generator=gen
+        ).tolist()
+        rows = np.stack([self.window(s, seq_len + 1) for s in starts]).astype(np.int64)
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+
+class TokenShards(TokenStream):
     """One split of a prepared dataset, memory-mapped, concatenated end to end."""
 
     def __init__(self, directory: str | Path, split: str, vocab_size: int | None = None):
@@ -233,6 +262,7 @@ class TokenShards:
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
         self.n_tokens = int(self.starts[-1])
         self.split = split
+        self.what = f"the {split} split"
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length), across shard boundaries if need be."""
@@ -245,19 +275,3 @@ class TokenShards:
             parts.append(a[lo : lo + take])
             pos += take
         return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
-
-    def batch(
-        self, batch_size: int, seq_len: int, seed: int, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number `index` of the stream defined by `seed`: (inputs, targets)."""
-        if self.n_tokens <= seq_len + 1:
-            raise GPT2LabError(
-                f"the {self.split} split has {self.n_tokens} tokens, fewer than one sequence of {seq_len + 1}"
-            )
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        starts = torch.randint(
-            0, self.n_tokens - seq_len - 1, (batch_size,), generator=gen
-        ).tolist()
-        rows = np.stack([self.window(s, seq_len + 1) for s in starts]).astype(np.int64)
-        data = torch.from_numpy(rows)
-        return data[:, :-1], data[:, 1:]
