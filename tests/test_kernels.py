@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,66 @@ def test_failed_build_falls_back_with_one_line(tmp_path):
     if kernels.cpu_has_vnni():  # a build was tried: said once, in one line
         lines = [ln for ln in out.stderr.splitlines() if "int8 kernel not built" in ln]
         assert len(lines) == 1 and "Traceback" not in out.stderr
+
+
+HOLD_LOCK = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from gpt2lab import kernels\n"
+    "build = Path(sys.argv[1])\n"
+    "with kernels._build_lock(build):\n"
+    "    (build / 'lock').touch()  # torch's own build lock, as a build in progress holds it\n"
+    "    print('holding', flush=True)\n"
+    "    sys.stdin.read()  # until killed\n"
+)
+
+
+def _start_holder(build_dir):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(build_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_a_killed_build_leaves_no_lock_that_blocks_later_runs(tmp_path):
+    # A build killed half-way (SIGKILL: no clean-up runs) leaves torch's lock file
+    # behind; torch alone would then wait for it forever. The next run must go on:
+    # here it builds with a failing compiler, so it falls back, in one stderr line.
+    env = dict(os.environ, GPT2LAB_INT8_KERNEL="1", CXX="/bin/false",
+               TORCH_EXTENSIONS_DIR=str(tmp_path))  # fmt: skip
+    build_dir = Path(
+        subprocess.run(
+            [sys.executable, "-c", "from torch.utils import cpp_extension as c; "
+             f"print(c._get_build_directory({kernels.NAME!r}, False))"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    )  # fmt: skip
+    assert build_dir.is_relative_to(tmp_path)  # the test's own extension cache
+    holder = _start_holder(build_dir)
+    holder.kill()
+    holder.wait()
+    assert (build_dir / "lock").exists()  # the stale lock a killed build leaves
+    script = "from gpt2lab import kernels; print(kernels._build() is None)"
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True" and "Traceback" not in out.stderr
+    assert not (build_dir / "lock").exists()
+    assert len([ln for ln in out.stderr.splitlines() if "int8 kernel not built" in ln]) == 1
+
+
+def test_a_live_build_elsewhere_is_waited_for_then_given_up(tmp_path):
+    holder = _start_holder(tmp_path)
+    try:
+        with pytest.raises(TimeoutError, match="another process"):
+            with kernels._build_lock(tmp_path, wait_s=0.3):
+                pass
+        assert (tmp_path / "lock").exists()  # a live build's lock is not touched
+    finally:
+        holder.kill()
+        holder.wait()
+    with kernels._build_lock(tmp_path, wait_s=0.3):  # the holder died: free at once
+        assert not (tmp_path / "lock").exists()

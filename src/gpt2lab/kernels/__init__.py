@@ -16,6 +16,13 @@ the first time an int8 model decodes, ~30 s once per machine and torch version. 
 used only on x86-64 CPUs that report avx512_vnni. Where it cannot be built, or with
 `GPT2LAB_INT8_KERNEL=0` in the environment, int8 layers use `torch._weight_int8pack_mm`
 (one line on stderr says why, when a build was tried and failed).
+
+Builds are serialised between processes by an `fcntl` lock of our own, which the
+operating system releases when its holder dies. torch's own build lock is a plain file
+(`lock` in the build folder) that a build killed half-way leaves behind, and every
+later build then waits for it forever; holding our lock, any such file is known to be
+stale and is removed. A process that waits longer than BUILD_WAIT_S for another
+process's build falls back to torch's kernel instead of hanging.
 """
 
 from __future__ import annotations
@@ -23,10 +30,17 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+NAME = "gpt2lab_int8_gemv"
+BUILD_WAIT_S = 600.0  # longest wait for another process's build before falling back
 
 _int8_gemv = None
 _tried = False
+_once = threading.Lock()  # one build per process, however many threads decode at once
 
 
 def cpu_has_vnni() -> bool:
@@ -47,9 +61,11 @@ def int8_gemv():
     where it is switched off, unsupported or fails to build."""
     global _int8_gemv, _tried
     if not _tried:
-        _tried = True
-        if os.environ.get("GPT2LAB_INT8_KERNEL", "1").strip() != "0" and cpu_has_vnni():
-            _int8_gemv = _build()
+        with _once:
+            if not _tried:
+                if os.environ.get("GPT2LAB_INT8_KERNEL", "1").strip() != "0" and cpu_has_vnni():
+                    _int8_gemv = _build()
+                _tried = True
     return _int8_gemv
 
 
@@ -57,17 +73,19 @@ def _build():
     try:
         from torch.utils import cpp_extension
 
-        _say_if_building(cpp_extension)
-        module = cpp_extension.load(
-            name="gpt2lab_int8_gemv",
-            sources=[str(Path(__file__).with_name("int8_gemv.cpp"))],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-                          "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )  # fmt: skip
+        build_dir = Path(cpp_extension._get_build_directory(NAME, False))
+        with _build_lock(build_dir):
+            _say_if_building(build_dir)
+            module = cpp_extension.load(
+                name=NAME,
+                sources=[str(Path(__file__).with_name("int8_gemv.cpp"))],
+                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                              "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )  # fmt: skip
         return module.int8_gemv
-    except Exception as err:  # no compiler, no ninja, a read-only cache: fall back
+    except Exception as err:  # no compiler, no ninja, a read-only cache, a busy lock
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(
             f"gpt2lab: int8 kernel not built ({reason[:200]}); "
@@ -78,12 +96,42 @@ def _build():
         return None
 
 
-def _say_if_building(cpp_extension) -> None:
+@contextmanager
+def _build_lock(build_dir: Path, wait_s: float | None = None):
+    """Hold gpt2lab's build lock for `build_dir`, clearing a stale torch lock file.
+
+    Raises TimeoutError when another live process holds it for longer than `wait_s`."""
+    import fcntl
+
+    wait_s = BUILD_WAIT_S if wait_s is None else wait_s
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "gpt2lab.flock", "a") as f:
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has been building it for over {wait_s:.0f} s"
+                    ) from None
+                if not said:
+                    print("gpt2lab: waiting for another process building the int8 kernel ...",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    said = True
+                time.sleep(0.5)
+        try:
+            stale = build_dir / "lock"  # torch's FileBaton, left by a killed build
+            if stale.exists():
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _say_if_building(build_dir: Path) -> None:
     """One line on stderr when the kernel is not built yet, so ~30 s of compiling is
-    not taken for a hang (torch's build cache is private API: silent if it moved)."""
-    try:
-        build_dir = Path(cpp_extension._get_build_directory("gpt2lab_int8_gemv", False))
-    except Exception:
-        return
-    if not any(build_dir.glob("gpt2lab_int8_gemv*.so")):
+    not taken for a hang."""
+    if not any(build_dir.glob(f"{NAME}*.so")):
         print("gpt2lab: building the int8 kernel (once, ~30 s) ...", file=sys.stderr, flush=True)
