@@ -4,13 +4,24 @@ replace an activation.
 Names and semantics follow TransformerLens (`blocks.6.hook_resid_pre`, a hook is
 `fn(tensor, hook) -> tensor | None`), so existing notebooks port. A `HookPoint`
 overrides `__call__` to skip `nn.Module`'s dispatch machinery: with nothing attached
-it is a single attribute test, so the model pays (almost) nothing for having them.
+it is one context-variable read, so the model pays (almost) nothing for having them.
+
+Why hooks live in a context variable and not on the module: one model is shared by
+many threads (a server, a notebook running a steering sweep while another cell
+generates). Hooks attached by `with model.hooks(...)`, `run_with_hooks` and
+`run_with_cache` belong to the call that attached them: they are kept in a
+`contextvars.ContextVar` (per thread, per asyncio task), so a concurrent caller of the
+same model never sees them. Only `add_hook` (TransformerLens' persistent hooks) puts a
+hook on the model itself, for every caller, until `reset_hooks()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -24,37 +35,73 @@ if TYPE_CHECKING:
 HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
 NameOrPredicate = Union[str, Callable[[str], bool]]
 
+# The hooks of the calls in progress in this thread / task: hook point -> functions.
+# Immutable mappings, replaced (never edited) when a scope opens, so a context that
+# copied the mapping (a new asyncio task) cannot be changed behind its back.
+_NO_HOOKS: Mapping[HookPoint, tuple[HookFn, ...]] = MappingProxyType({})
+_scoped: ContextVar[Mapping[HookPoint, tuple[HookFn, ...]]] = ContextVar(
+    "gpt2lab_scoped_hooks", default=_NO_HOOKS
+)
+
 
 class HookPoint(nn.Module):
-    """An identity layer that runs the functions attached to it, in order."""
+    """An identity layer that runs the functions attached to it, in order: the model's
+    persistent hooks (`add_hook`), then those of the enclosing `hooks()` scopes, outer
+    first."""
 
     def __init__(self) -> None:
         super().__init__()
         self.name: str = ""  # filled in by the model once the module tree is built
-        self.fns: list[HookFn] = []
+        self.persistent: tuple[HookFn, ...] = ()  # replaced, never edited: safe to read anywhere
+
+    @property
+    def fns(self) -> tuple[HookFn, ...]:
+        """The functions that run here for the current caller."""
+        scoped = _scoped.get()
+        if not scoped:
+            return self.persistent
+        mine = scoped.get(self)
+        return self.persistent + mine if mine else self.persistent
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if not self.fns:
+        fns = self.fns
+        if not fns:
             return x
-        for fn in self.fns:
+        for fn in fns:
             out = fn(x, self)
             if out is not None:
-                if out.shape != x.shape:
-                    raise GPT2LabError(
-                        f"hook on {self.name} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}"
-                    )
-                x = out
+                x = self._checked(out, x, fn)
         return x
+
+    def _checked(self, out: Any, x: torch.Tensor, fn: HookFn) -> torch.Tensor:
+        """A hook's replacement must be a drop-in for the activation: same shape, dtype
+        and device (a float64 or integer tensor would fail later, deep in a matmul, with
+        an error that names neither the hook nor the point)."""
+        what = getattr(fn, "__name__", type(fn).__name__)
+        if not isinstance(out, torch.Tensor):
+            raise GPT2LabError(
+                f"hook {what} on {self.name} returned a {type(out).__name__}; a hook returns "
+                "None or a tensor like its input"
+            )
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            got = f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            want = f"{tuple(x.shape)} {x.dtype} on {x.device}"
+            raise GPT2LabError(f"hook {what} on {self.name} returned {got}, expected {want}")
+        return out
 
     @property
     def active(self) -> bool:
         return bool(self.fns)
 
     def add(self, fn: HookFn) -> None:
-        self.fns.append(fn)
+        """Attach `fn` for every caller (a persistent hook)."""
+        self.persistent = (*self.persistent, fn)
 
     def remove(self, fn: HookFn) -> None:
-        self.fns.remove(fn)
+        if fn in self.persistent:
+            fns = list(self.persistent)
+            fns.remove(fn)
+            self.persistent = tuple(fns)
 
     def extra_repr(self) -> str:
         return self.name
@@ -76,12 +123,36 @@ class HookedModule(nn.Module):
     def _resolve(self, name: NameOrPredicate) -> list[HookPoint]:
         if callable(name):
             return [hp for n, hp in self.hook_dict.items() if name(n)]
+        if not isinstance(name, str):
+            raise GPT2LabError(
+                f"a hook is attached by name or by a predicate name -> bool, got {type(name).__name__}"
+            )
         if name not in self.hook_dict:
-            raise GPT2LabError(f"no hook point named {name!r} (see model.hook_names())")
+            raise GPT2LabError(f"no hook point named {name!r}{_did_you_mean(name, self.hook_dict)}")
         return [self.hook_dict[name]]
 
+    def _pairs(self, hooks: Any, kind: str) -> list[tuple[HookPoint, HookFn]]:
+        """(hook point, function) for each (name or predicate, function) pair, checked
+        before anything is attached."""
+        if isinstance(hooks, (str, bytes)) or not isinstance(hooks, Iterable):
+            raise GPT2LabError(f"{kind} must be a list of (name, function) pairs")
+        pairs = []
+        for item in hooks:
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not callable(item[1]):
+                raise GPT2LabError(
+                    f"{kind} must be a list of (name, function) pairs, got an item {item!r:.80}"
+                )
+            pairs += [(hp, item[1]) for hp in self._resolve(item[0])]
+        return pairs
+
     def add_hook(self, name: NameOrPredicate, fn: HookFn) -> list[tuple[HookPoint, HookFn]]:
-        """Attach `fn` to one hook point, or to every point whose name satisfies a predicate."""
+        """Attach `fn` to one hook point, or to every point whose name satisfies a
+        predicate, for every caller of this model until `reset_hooks()` (TransformerLens'
+        persistent hooks). For hooks that belong to one call, use `with model.hooks(...)`."""
+        if not callable(fn):
+            raise GPT2LabError(
+                f"a hook must be a function (tensor, hook) -> tensor | None, got {fn!r:.80}"
+            )
         added = []
         for hp in self._resolve(name):
             hp.add(fn)
@@ -89,8 +160,14 @@ class HookedModule(nn.Module):
         return added
 
     def reset_hooks(self) -> None:
+        """Remove the persistent hooks, and the hooks this caller's enclosing `hooks()`
+        scopes attached to this model (until those scopes end; other threads keep theirs)."""
         for hp in self.hook_dict.values():
-            hp.fns.clear()
+            hp.persistent = ()
+        scoped = _scoped.get()
+        if scoped:
+            mine = set(self.hook_dict.values())
+            _scoped.set(MappingProxyType({hp: f for hp, f in scoped.items() if hp not in mine}))
 
     @contextmanager
     def hooks(
@@ -101,19 +178,24 @@ class HookedModule(nn.Module):
         """Attach hooks for the duration of a `with` block (forward passes, `generate`,
         `stream`: the hooks see every step, prompt and each new token, with the KV cache).
 
-        A backward hook `fn(grad, hook)` sees the gradient of the loss with respect to the
-        activation at that point when `.backward()` runs inside the block.
+        The hooks belong to this thread (or asyncio task) only: other callers of the same
+        model, concurrently, run without them. A backward hook `fn(grad, hook)` sees the
+        gradient of the loss with respect to the activation at that point when
+        `.backward()` runs inside the block.
         """
-        added: list[tuple[HookPoint, HookFn]] = []
+        pairs = self._pairs(fwd_hooks, "fwd_hooks")
+        pairs += [(hp, _backward_hook(fn)) for hp, fn in self._pairs(bwd_hooks, "bwd_hooks")]
+        scoped = dict(_scoped.get())
+        for hp, fn in pairs:
+            scoped[hp] = (*scoped.get(hp, ()), fn)
+        token = _scoped.set(MappingProxyType(scoped))
         try:
-            for name, fn in fwd_hooks:
-                added += self.add_hook(name, fn)
-            for name, fn in bwd_hooks:
-                added += self.add_hook(name, _backward_hook(fn))
             yield
         finally:
-            for hp, fn in added:
-                hp.remove(fn)
+            try:
+                _scoped.reset(token)
+            except ValueError:  # exited in another context than entered (a generator moved)
+                _scoped.set(token.old_value if token.old_value is not token.MISSING else _NO_HOOKS)
 
     def run_with_hooks(
         self,
@@ -155,13 +237,17 @@ class HookedModule(nn.Module):
         """
         from .interp.cache import ActivationCache, PosSlice
 
-        keep = _names_predicate(names_filter)
+        keep = _names_predicate(names_filter, self.hook_dict)
         pos = PosSlice(pos_slice)
         store: dict[str, torch.Tensor] = {}
 
         def save(name: str, pos_dim: int, x: torch.Tensor) -> None:
             x = x.detach()
             if remove_batch_dim:
+                if x.shape[0] != 1:
+                    raise GPT2LabError(
+                        f"remove_batch_dim=True needs a batch of one, got {x.shape[0]} rows"
+                    )
                 x = x[0]
             if x.dim() >= -pos_dim:
                 x = pos.apply(x, pos_dim)
@@ -193,19 +279,35 @@ class HookedModule(nn.Module):
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
-def _names_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
+def _names_predicate(
+    names_filter: NamesFilter, hook_dict: Mapping[str, HookPoint]
+) -> Callable[[str], bool]:
+    """`names_filter` as a predicate; a name that is no hook point (a typo) is an error,
+    not an empty cache, and so is a predicate that matches nothing."""
     if names_filter is None:
         return lambda name: not name.endswith("hook_result")
     if isinstance(names_filter, str):
-        return lambda name: name == names_filter
+        names_filter = [names_filter]
     if callable(names_filter):
+        if not any(names_filter(n) for n in hook_dict):
+            raise GPT2LabError("names_filter matches no hook point (see model.hook_names())")
         return names_filter
     if isinstance(names_filter, (list, tuple, set, frozenset)):
         wanted = set(names_filter)
+        for name in wanted:
+            if not isinstance(name, str) or name not in hook_dict:
+                raise GPT2LabError(
+                    f"names_filter: no hook point named {name!r}{_did_you_mean(name, hook_dict)}"
+                )
         return wanted.__contains__
     raise GPT2LabError(
         "names_filter must be a hook name, a list of names or a function name -> bool"
     )
+
+
+def _did_you_mean(name: Any, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else " (see model.hook_names())"
 
 
 def _backward_hook(fn: HookFn) -> HookFn:

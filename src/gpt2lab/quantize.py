@@ -11,11 +11,13 @@ Measured on the 2-core AVX-512 machine (the 96 block weights of a gpt2-medium st
   float32 inference runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
   Inductor emits for linear layers on CPU): no copy or repacking of the weights,
   float32 accumulation in another order (results differ from MKL's in the last bits).
-- bfloat16, one row: `F.linear` goes to oneDNN, 2-2.5x slower here than ATen's own
-  bf16 matrix-vector kernel (float32 accumulation, one pass over the weight: 17 vs
-  38 ms), which runs when oneDNN is switched off for the call. From two rows on
-  oneDNN wins; it is called directly (as for float32), which skips `F.linear`'s copy
-  of the bias into the output and lets the MLP's GELU run inside the matmul.
+- bfloat16: oneDNN, called directly (as for float32), which skips `F.linear`'s copy
+  of the bias into the output and lets the MLP's GELU run inside the matmul. One row
+  also runs on oneDNN: ATen's own bf16 GEMV was 2-2.5x faster for one row on the AMD
+  machine (17 vs 38 ms per step) but is only reachable by switching oneDNN off
+  process-wide, which changes what every other thread computes; on the Intel
+  (Sapphire Rapids) machine no torch path was faster. A native bf16 kernel chosen by
+  measurement is the way to recover that speed (see gpt2lab.kernels).
 Anything else (autograd on, other devices or dtypes, `torch.compile` tracing, no
 oneDNN, or oneDNN switched off by the user) is plain `F.linear`.
 
@@ -121,15 +123,13 @@ def linear(
     ):
         one_row = x.numel() == x.shape[-1]
         if (x.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT) or (
-            x.dtype == torch.bfloat16 and not one_row
+            x.dtype == torch.bfloat16
         ):
             if act == "none" or one_row:  # one row: oneDNN's fused GELU is ~6% slower
                 y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
                 return _activate(y, act)
             post_op, algorithm = FUSED_ACTIVATIONS[act]
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
-        if x.dtype == torch.bfloat16 and one_row:
-            return _activate(_bf16_gemv(x, weight, bias), act)
     return _activate(F.linear(x, weight, bias), act)
 
 
@@ -137,18 +137,6 @@ def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
     if act == "none":
         return y
     return F.gelu(y, approximate=FUSED_ACTIVATIONS[act][1])
-
-
-def _bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One bf16 row through ATen's own GEMV: `F.linear` with oneDNN switched off for the
-    call (a process-wide flag, restored at once; torch's test mode forbids flipping it)."""
-    if torch.backends.flags_frozen():
-        return F.linear(x, weight, bias)
-    torch.backends.mkldnn.enabled = False
-    try:
-        return F.linear(x, weight, bias)
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

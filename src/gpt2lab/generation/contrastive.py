@@ -58,16 +58,12 @@ def check_contrastive(model: GPT2, penalty_alpha, top_k) -> None:
 def _forward(model: GPT2, tokens, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the final hidden states (after ln_final, every position) of one call."""
     box: list[torch.Tensor] = []
-    hook = model.blocks[-1].hook_resid_post
 
     def grab(x: torch.Tensor, _hook) -> None:
         box.append(x)
 
-    hook.add(grab)
-    try:
+    with model.hooks([(model.blocks[-1].hook_resid_post.name, grab)]):
         logits = model(tokens, **kwargs)
-    finally:
-        hook.remove(grab)
     return logits, model.ln_final(box[-1])
 
 
