@@ -29,6 +29,7 @@ import torch
 from .config import PRESETS, GPT2Config
 from .errors import GPT2LabError
 from .model import GPT2
+from .validate import check_memory, is_int, show
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -88,28 +89,94 @@ def ours_to_hf(name: str) -> tuple[str, bool]:
 
 
 # ---- safetensors, streamed -----------------------------------------------------------
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
 def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
-    size = path.stat().st_size
+    """(the tensor entries of the header, where the data starts), every entry checked.
+
+    The header is untrusted JSON: it must be an object whose entries each give a known
+    dtype, a shape of non-negative integers and `data_offsets` [begin, end] matching the
+    shape's size, the tensors laid out one after another without overlap (as the
+    safetensors library requires), all inside the file. So nothing later can index,
+    allocate or read beyond what the file holds."""
+    size = os.fstat(f.fileno()).st_size
     head = f.read(8)
     if len(head) < 8:
         raise GPT2LabError(f"{path} is truncated or not a safetensors file ({size} bytes)")
     n = int.from_bytes(head, "little")
-    if n > size - 8:
+    if n > size - 8 or n > MAX_HEADER_BYTES:
         raise GPT2LabError(
             f"{path} is truncated or corrupt: header of {n} bytes in a {size}-byte file"
         )
     try:
         header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise GPT2LabError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    except RecursionError:
+        raise GPT2LabError(
+            f"{path} is corrupt: its safetensors header is nested too deeply"
+        ) from None
+    if not isinstance(header, dict):
+        raise GPT2LabError(
+            f"{path} is corrupt: its safetensors header is a JSON {type(header).__name__}, "
+            "not an object"
+        )
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    end = 0
+    for name, info in sorted(header.items(), key=lambda kv: _begin(kv[1])):
+        begin, stop = _check_entry(path, name, info)
+        if begin != end:
+            problem = "overlaps the tensor before it" if begin < end else "leaves a gap"
+            raise GPT2LabError(
+                f"{path} is corrupt: tensor {name} starts at byte {begin} and {problem} "
+                f"(which ends at {end})"
+            )
+        end = stop
     if 8 + n + end > size:
         raise GPT2LabError(
             f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
             "download it again"
         )
     return header, 8 + n
+
+
+def _begin(info) -> int:
+    """Where an entry's data begins, for sorting (malformed entries first: they get
+    reported by `_check_entry`)."""
+    try:
+        begin = info["data_offsets"][0]
+        return begin if isinstance(begin, int) else -1
+    except (TypeError, KeyError, IndexError):
+        return -1
+
+
+def _check_entry(path: Path, name: str, info) -> tuple[int, int]:
+    """Check one header entry; return its (begin, end) data offsets."""
+
+    def bad(what: str) -> GPT2LabError:
+        return GPT2LabError(f"{path} is corrupt: tensor {name!r} {what}")
+
+    if not isinstance(info, dict):
+        raise bad(f"is described by a JSON {type(info).__name__}, not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"has unsupported dtype {show(dtype)}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise bad(f"has shape {show(shape)}, not a list of sizes")
+    offsets = info.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(is_int(x) and x >= 0 for x in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"has data_offsets {show(offsets)}, not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+        raise bad(f"has {end - begin} bytes of data for shape {shape} of {dtype}")
+    return begin, end
 
 
 def read_safetensors(
@@ -124,23 +191,14 @@ def read_safetensors(
     """
     with open(path, "rb") as f:
         header, base = _read_safetensors_header(path, f)
-        sizes = [int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in header.items()
-                 if keep(k) and transient(k, SAFETENSORS_DTYPES.get(v.get("dtype")))]  # fmt: skip
+        sizes = [v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                 if keep(k) and transient(k, SAFETENSORS_DTYPES[v["dtype"]])]  # fmt: skip
         scratch = torch.empty(max(sizes, default=0), dtype=torch.uint8)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if not keep(name):
                 continue
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise GPT2LabError(
-                    f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}"
-                )
-            start, end = (int(x) for x in info["data_offsets"])
-            numel = math.prod(info["shape"])
-            if end - start != numel * dtype.itemsize:
-                raise GPT2LabError(
-                    f"{path} is corrupt: tensor {name} has the wrong number of bytes"
-                )
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
             if transient(name, dtype):
                 if scratch.numel() < end - start:
                     scratch = torch.empty(end - start, dtype=torch.uint8)
@@ -178,9 +236,22 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
 
 
 # ---- .bin (pickle), refusing anything but tensors --------------------------------------
+def _first_line(e: BaseException) -> str:
+    """An exception's first line, never empty (torch.load's EOFError has no message)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_bin(
     path: Path, keep=lambda name: True, transient=None
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):  # zip or pickle
+        raise GPT2LabError(
+            f"{path} is not a PyTorch checkpoint ({'empty' if not magic else 'unknown format'}); "
+            "it is corrupt or truncated"
+        )
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -189,16 +260,17 @@ def read_bin(
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
         raise GPT2LabError(
-            f"refusing to load {path}: it holds more than plain tensors and could run code ({first}); "
-            "convert it to safetensors from a trusted environment"
+            f"refusing to load {path}: it holds more than plain tensors and could run code "
+            f"({_first_line(e)}); convert it to safetensors from a trusted environment"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise GPT2LabError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, RecursionError) as e:
+        raise GPT2LabError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
     if not isinstance(state, dict):
         raise GPT2LabError(f"{path} does not hold a state dict")
     for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise GPT2LabError(f"{path}: key {show(name)} is not a tensor name")
         if not keep(name):
             continue
         if not isinstance(tensor, torch.Tensor):
@@ -300,10 +372,12 @@ def _shards(directory: Path, single: str) -> list[Path]:
     if not index.is_file():
         return []
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = [directory / shard for shard in sorted(set(weight_map.values()))]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError):
         raise GPT2LabError(f"{index} is not a valid shard index") from None
+    if not all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in names):
+        raise GPT2LabError(f"{index} is not a valid shard index (shards must be file names)")
+    shards = [directory / name for name in sorted(names)]
     for shard in shards:
         if not shard.is_file():
             raise GPT2LabError(
@@ -328,8 +402,15 @@ def _weight_stream(directory: Path, keep, transient) -> Iterator[tuple[str, torc
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return None if dtype == "auto" else dtype
+    """A compute dtype by name or torch.dtype; None for the default / "auto" (the file's)."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise GPT2LabError(f"dtype {dtype} is not a floating-point dtype")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return None
+    if not isinstance(dtype, str):
+        raise GPT2LabError(f"dtype must be a string such as 'bfloat16', got {show(dtype)}")
     if dtype == "int8":
         raise GPT2LabError(
             "dtype 'int8' is not a compute dtype; for int8 weights pass quantize='int8' "
@@ -342,11 +423,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 def stored_dtypes(directory: Path) -> set[str]:
     """The dtypes of a checkpoint's safetensors files, read from their headers only."""
-    files = (
-        [directory / "model.safetensors"]
-        if (directory / "model.safetensors").is_file()
-        else _shards(directory, "model.safetensors")
-    )
+    files = _safetensors_files(directory)
     dtypes = set()
     for path in files:
         with open(path, "rb") as f:
@@ -394,12 +471,41 @@ def load(
         model = load(name_or_path, dtype=torch.float32, device=device, process=process)
         return apply_quantization(model, quantize, compute)
     device = parse_device(device)
-    directory = resolve(name_or_path)
-    cfg = GPT2Config.from_json_file(directory / "config.json")
+    _check_name(name_or_path)
     want_dtype = torch.float32 if dtype is None else parse_dtype(dtype)
+    try:
+        directory = resolve(name_or_path)
+        return _load(directory, want_dtype, device, process)
+    except OSError as e:  # unreadable file or folder, name too long, ...
+        where = e.filename or name_or_path
+        raise GPT2LabError(f"cannot read {where}: {e.strerror or _first_line(e)}") from None
+
+
+def _check_name(name_or_path) -> None:
+    if name_or_path is None or isinstance(name_or_path, os.PathLike):
+        return
+    if not isinstance(name_or_path, str):
+        raise GPT2LabError(
+            "the model must be a preset name, an HF repo id or a checkpoint directory (a str "
+            f"or Path), got {show(name_or_path)}"
+        )
+    if not name_or_path or "\0" in name_or_path:
+        raise GPT2LabError(f"{name_or_path!r} is not a valid model name or path")
+
+
+def _load(directory: Path, want_dtype: torch.dtype | None, device: torch.device, process: bool):
+    cfg = GPT2Config.from_json_file(directory / "config.json")
     with torch.device("meta"):
         model = GPT2(cfg)
     expected = dict(model.state_dict())
+    stored = _check_headers(directory, cfg, expected)
+    itemsize = (want_dtype or stored or torch.float32).itemsize
+    check_memory(
+        f"loading {directory} ({cfg.n_params:,} parameters, {itemsize} bytes each)",
+        cfg.n_params * itemsize,
+        device,
+        hint="use a smaller model or dtype, or free some memory",
+    )
 
     def keep(hf_name: str) -> bool:
         return hf_to_ours(hf_name) is not None
@@ -412,18 +518,11 @@ def load(
     state: dict[str, torch.Tensor] = {}
     for hf_name, tensor in _weight_stream(directory, keep, transient):
         name, transpose = hf_to_ours(hf_name)  # type: ignore[misc]
-        if name not in expected:
-            raise GPT2LabError(
-                f"checkpoint has tensor {hf_name!r} but the config has {cfg.n_layers} layers"
-            )
-        want = tuple(expected[name].shape)
-        got = tuple(tensor.shape[::-1]) if transpose else tuple(tensor.shape)
-        if got != want:
-            shape = want[::-1] if transpose else want
-            raise GPT2LabError(
-                f"tensor {hf_name} has shape {tuple(tensor.shape)}, expected {shape}"
-            )
+        _check_tensor(
+            directory, cfg, expected, hf_name, name, transpose, tensor.shape, tensor.dtype
+        )
         if transient(hf_name, tensor.dtype):
+            want = tuple(expected[name].shape)
             dest = torch.empty(want, dtype=want_dtype or tensor.dtype, device=device)
             state[name] = dest.copy_(tensor.T if transpose else tensor)
         else:
@@ -440,6 +539,64 @@ def load(
 
         process_weights(model)
     return model.eval()
+
+
+def _check_tensor(directory, cfg, expected, hf_name, name, transpose, shape, dtype) -> None:
+    """A stored tensor must be one the config implies, with its shape, in a float dtype."""
+    if name not in expected:
+        raise GPT2LabError(
+            f"checkpoint in {directory} has tensor {hf_name!r} but the config has "
+            f"{cfg.n_layers} layers"
+        )
+    want = tuple(expected[name].shape)
+    got = tuple(shape)[::-1] if transpose else tuple(shape)
+    if got != want:
+        raise GPT2LabError(
+            f"checkpoint in {directory}: tensor {hf_name} has shape {tuple(shape)}, expected "
+            f"{want[::-1] if transpose else want} (from config.json)"
+        )
+    if not dtype.is_floating_point:
+        raise GPT2LabError(
+            f"checkpoint in {directory}: tensor {hf_name} holds {dtype} values; GPT-2 weights "
+            "are floating point"
+        )
+
+
+def _check_headers(directory: Path, cfg: GPT2Config, expected: dict) -> torch.dtype | None:
+    """Check safetensors headers against the config before any weight is read: every
+    tensor one the config implies, with its shape, once, none missing. Returns the
+    widest stored dtype (None for .bin checkpoints, which have no header to read)."""
+    files = _safetensors_files(directory)
+    seen: dict[str, Path] = {}
+    widest = None
+    for path in files:
+        with open(path, "rb") as f:
+            header, _ = _read_safetensors_header(path, f)
+        for hf_name, info in header.items():
+            mapped = hf_to_ours(hf_name)
+            if mapped is None:
+                continue
+            name, transpose = mapped
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            _check_tensor(path, cfg, expected, hf_name, name, transpose, info["shape"], dtype)
+            if name in seen:
+                raise GPT2LabError(f"tensor {hf_name} is stored twice: in {seen[name]} and {path}")
+            seen[name] = path
+            if widest is None or dtype.itemsize > widest.itemsize:
+                widest = dtype
+    missing = [n for n in expected if n not in seen]
+    if files and missing:
+        raise GPT2LabError(
+            f"checkpoint in {directory} is missing {len(missing)} tensors that config.json "
+            f"implies, e.g. {ours_to_hf(missing[0])[0]}"
+        )
+    return widest
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    return _shards(directory, "model.safetensors")
 
 
 def save(model: GPT2, directory: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GPT2LabError
+from .validate import boolean, integer, is_int, number, show
 
 # Activations we implement, by their HF names. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are all the tanh approximation of GELU.
@@ -29,6 +30,25 @@ ACTIVATIONS = (
     "swish",
     "quick_gelu",
 )
+
+
+# Dimensions far beyond any GPT-2 (gpt2-xl: 48 layers, d_model 1600, 1.56B parameters).
+# A config.json asking for more is a mistake (or hostile) and is refused before anything
+# is built: 200,000 layers would otherwise take minutes just to lay out on the meta device.
+MAX_DIMS = {
+    "n_layers": 1024,
+    "d_model": 1 << 16,
+    "n_heads": 1 << 16,
+    "n_ctx": 1 << 20,
+    "d_vocab": 1 << 22,
+    "d_mlp": 1 << 18,
+}
+MAX_PARAMS = 1 << 34  # ~17.2 billion, 11 times gpt2-xl
+
+
+def _flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+    """A JSON boolean from an HF config (absent: `default`); "false" or 0 is an error."""
+    return boolean(f"config: {key}", hf.get(key, default))
 
 
 @dataclass(frozen=True)
@@ -47,19 +67,31 @@ class GPT2Config:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.d_mlp == 0:
+        for name in ("n_layers", "d_model", "n_heads", "n_ctx", "d_vocab"):
+            integer(f"config: {name}", getattr(self, name), 1, MAX_DIMS[name])
+        if is_int(self.d_mlp) and self.d_mlp == 0:
             object.__setattr__(self, "d_mlp", 4 * self.d_model)
-        for name in ("n_layers", "d_model", "n_heads", "n_ctx", "d_vocab", "d_mlp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
+        integer("config: d_mlp", self.d_mlp, 1, MAX_DIMS["d_mlp"])
         if self.d_model % self.n_heads:
             raise GPT2LabError(
                 f"config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
-        if self.act_fn not in ACTIVATIONS:
+        if not isinstance(self.act_fn, str) or self.act_fn not in ACTIVATIONS:
             raise GPT2LabError(
                 f"config: activation {self.act_fn!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+            )
+        eps = number("config: layer_norm_eps", self.layer_norm_eps, 0, low_open=True)
+        object.__setattr__(self, "layer_norm_eps", eps)
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "ln_free"):
+            object.__setattr__(self, name, boolean(f"config: {name}", getattr(self, name)))
+        if not isinstance(self.extra, dict):
+            raise GPT2LabError(f"config: extra must be a dict, got {type(self.extra).__name__}")
+        if self.n_params > MAX_PARAMS:
+            raise GPT2LabError(
+                f"config: {self.n_params:,} parameters ({self.n_layers} layers, d_model "
+                f"{self.d_model}, d_mlp {self.d_mlp}, n_ctx {self.n_ctx}, vocabulary "
+                f"{self.d_vocab}) is more than gpt2lab builds ({MAX_PARAMS:,}; gpt2-xl has "
+                "1,557,611,200); check config.json"
             )
 
     @property
@@ -88,42 +120,49 @@ class GPT2Config:
     # ---- HF config.json ------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GPT2Config:
-        """Build from an HF GPT2Config dict, refusing options we do not implement."""
+        """Build from an HF GPT2Config dict, refusing options we do not implement.
+
+        Strict about types, as transformers is not: a size must be an integer (not a bool
+        or a float), a flag must be a JSON boolean (the string "false" is not one), and
+        layer_norm_epsilon a finite number > 0. Keys that do not change the math are
+        ignored."""
+        if not isinstance(hf, dict):
+            raise GPT2LabError(f"config: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != "gpt2":
             raise GPT2LabError(
-                f"config: model_type is {model_type!r}, not 'gpt2'; gpt2lab only runs GPT-2 checkpoints"
+                f"config: model_type is {show(model_type)}, not 'gpt2'; gpt2lab only runs GPT-2 checkpoints"
             )
-        if hf.get("add_cross_attention"):
+        if _flag(hf, "add_cross_attention", False):
             raise GPT2LabError(
                 "config: add_cross_attention=True (encoder-decoder GPT-2) is not supported"
             )
-        if hf.get("tie_word_embeddings") is False:
+        if not _flag(hf, "tie_word_embeddings", True):
             raise GPT2LabError(
                 "config: tie_word_embeddings=False is not supported (GPT-2 ties them)"
             )
         # reorder_and_upcast_attn only changes the precision in which attention is
         # computed, not the math, so it is accepted.
-        n_embd = hf.get("n_embd", 768)
-        try:
-            return cls(
-                n_layers=hf.get("n_layer", 12),
-                d_model=n_embd,
-                n_heads=hf.get("n_head", 12),
-                n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
-                d_vocab=hf.get("vocab_size", 50257),
-                d_mlp=hf.get("n_inner") or 4 * n_embd,
-                act_fn=hf.get("activation_function", "gelu_new"),
-                layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
-                scale_attn_by_inverse_layer_idx=bool(
-                    hf.get("scale_attn_by_inverse_layer_idx", False)
-                ),
-                ln_free=bool(hf.get("gpt2lab_ln_free", False)),
-                extra={k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf},
+        _flag(hf, "reorder_and_upcast_attn", False)
+        n_inner = hf.get("n_inner")
+        if n_inner is not None and not (is_int(n_inner) and n_inner >= 1):
+            raise GPT2LabError(
+                f"config: n_inner must be null or a positive integer, got {show(n_inner)}"
             )
-        except TypeError as e:  # e.g. a string where a number belongs
-            raise GPT2LabError(f"config: invalid value ({e})") from None
+        return cls(
+            n_layers=hf.get("n_layer", 12),
+            d_model=hf.get("n_embd", 768),
+            n_heads=hf.get("n_head", 12),
+            n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            d_vocab=hf.get("vocab_size", 50257),
+            d_mlp=0 if n_inner is None else n_inner,  # 0: 4 * d_model
+            act_fn=hf.get("activation_function", "gelu_new"),
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            scale_attn_weights=_flag(hf, "scale_attn_weights", True),
+            scale_attn_by_inverse_layer_idx=_flag(hf, "scale_attn_by_inverse_layer_idx", False),
+            ln_free=_flag(hf, "gpt2lab_ln_free", False),
+            extra={k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf},
+        )
 
     def to_hf(self) -> dict[str, Any]:
         hf = {
@@ -155,16 +194,24 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPT2Config:
+        """Read an HF config.json; every problem with it is a GPT2LabError naming the file."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise GPT2LabError(f"config: {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, a 5000-digit number
             raise GPT2LabError(f"config: {path} is not valid JSON ({e})") from None
+        except RecursionError:
+            raise GPT2LabError(f"config: {path} is nested too deeply to be a config") from None
+        except OSError as e:  # a directory, no permission, ...
+            raise GPT2LabError(f"config: cannot read {path} ({e.strerror or e})") from None
         if not isinstance(data, dict):
             raise GPT2LabError(f"config: {path} does not hold a JSON object")
-        return cls.from_hf(data)
+        try:
+            return cls.from_hf(data)
+        except GPT2LabError as e:
+            raise GPT2LabError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -179,4 +226,4 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_ctx=128),
 }
 
-__all__ = ["GPT2Config", "PRESETS", "ACTIVATIONS"]
+__all__ = ["GPT2Config", "PRESETS", "ACTIVATIONS", "MAX_DIMS", "MAX_PARAMS"]
