@@ -23,6 +23,7 @@ from .config import GPT2Config
 from .errors import GPT2LabError
 from .hooks import HookedModule, HookPoint
 from .quantize import linear
+from .validate import check_memory, integer, show
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -42,6 +43,10 @@ def activation(name: str):
     raise GPT2LabError(f"activation {name!r} is not supported")
 
 
+# Integer dtypes accepted for token ids and position ids.
+TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 class AttnMask(NamedTuple):
     """Which keys each query may see: a boolean tensor [batch|1, 1, query, key] (True =
     attend), or `None` with `causal` telling whether plain causal masking applies."""
@@ -59,9 +64,18 @@ class KVCache:
     """
 
     def __init__(self, cfg: GPT2Config, batch: int, max_len: int, *, dtype=None, device=None):
+        batch = integer("KV cache batch", batch, 1)
+        max_len = integer("KV cache max_len", max_len, 1)
         if max_len > cfg.n_ctx:
             raise GPT2LabError(f"KV cache of {max_len} positions exceeds the context ({cfg.n_ctx})")
         shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_head)
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        check_memory(
+            f"a KV cache of batch {batch} x {max_len} positions",
+            2 * math.prod(shape) * itemsize + batch * max_len,
+            device,
+            hint="use a smaller batch, fewer beams or fewer positions",
+        )
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
@@ -389,6 +403,7 @@ class GPT2(HookedModule):
             tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
+        self._check_options(cache, logits_to_keep, stop_at_layer)
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.n_ctx:
             raise GPT2LabError(
@@ -406,12 +421,8 @@ class GPT2(HookedModule):
                 position_ids = torch.arange(past, past + T, device=tokens.device).expand(B, T)
             else:  # count real tokens only, so left padding does not shift positions
                 position_ids = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
-        elif position_ids.shape[-1] != T or (
-            position_ids.numel() and int(position_ids.max()) >= self.cfg.n_ctx
-        ):
-            raise GPT2LabError(
-                f"position_ids must have {T} positions, each below n_ctx ({self.cfg.n_ctx})"
-            )
+        else:
+            position_ids = self._check_position_ids(position_ids, B, T, tokens.device)
         mask = self._attn_mask(key_mask, T, past, tokens.device)
 
         resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
@@ -431,17 +442,58 @@ class GPT2(HookedModule):
             raise GPT2LabError(f"tokens must be a tensor of ids, got {type(tokens).__name__}")
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        if tokens.dim() != 2 or tokens.dtype not in TOKEN_DTYPES:
             raise GPT2LabError(
                 f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}"
             )
-        if tokens.shape[1] == 0:
-            raise GPT2LabError("tokens are empty: give at least one token")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise GPT2LabError(
+                f"tokens are empty (shape {tuple(tokens.shape)}): give at least one row of one token"
+            )
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.cfg.d_vocab:
             bad = hi if hi >= self.cfg.d_vocab else lo
             raise GPT2LabError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")
         return tokens.to(device=self.wte.weight.device, dtype=torch.long)
+
+    def _check_options(self, cache, logits_to_keep, stop_at_layer) -> None:
+        """forward()'s keyword arguments other than the masks: types and ranges."""
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise GPT2LabError(
+                    f"cache must be a KVCache (model.new_cache(batch)), got {type(cache).__name__}"
+                )
+            cfg = self.cfg
+            if (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4]) != (
+                cfg.n_layers, cfg.n_heads, cfg.d_head,
+            ):  # fmt: skip
+                raise GPT2LabError("this KV cache was made for a model of another shape")
+        if logits_to_keep != 0:  # 0: all positions (the common case, checked cheaply)
+            integer("logits_to_keep", logits_to_keep, 0)
+        if stop_at_layer is not None:
+            n = self.cfg.n_layers
+            integer("stop_at_layer", stop_at_layer, -n, n)
+
+    def _check_position_ids(self, position_ids, B: int, T: int, device) -> torch.Tensor:
+        """Explicit position ids: integers in [0, n_ctx), shaped [batch, T], [1, T] or [T]."""
+        n_ctx = self.cfg.n_ctx
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in TOKEN_DTYPES:
+            raise GPT2LabError(f"position_ids must be an integer tensor, got {show(position_ids)}")
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (
+            1, B,
+        ):  # fmt: skip
+            raise GPT2LabError(
+                f"position_ids must be [batch, {T}], [1, {T}] or [{T}] for a batch of {B}, "
+                f"got shape {tuple(position_ids.shape)}"
+            )
+        lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one sync for both
+        if lo < 0 or hi >= n_ctx:
+            raise GPT2LabError(
+                f"position_ids must lie in [0, {n_ctx}) (the context), got {lo if lo < 0 else hi}"
+            )
+        return position_ids.to(device=device, dtype=torch.long)
 
     @staticmethod
     def _key_mask(attention_mask, B, T, past, cache, device) -> torch.Tensor | None:
@@ -450,6 +502,10 @@ class GPT2(HookedModule):
             if cache is None or not cache.has_padding:
                 return None
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise GPT2LabError(
+                f"attention_mask must be a tensor of 0/1, got {type(attention_mask).__name__}"
+            )
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
         if (
             attention_mask.dim() != 2
@@ -492,7 +548,15 @@ class GPT2(HookedModule):
 
     def to_tokens(self, text: str | list[str], *, return_mask: bool = False):
         """Tokenize text (left-padded for a list), as a [batch, pos] tensor on the model's device."""
-        texts = [text] if isinstance(text, str) else list(text)
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+            texts = list(text)
+        else:
+            raise GPT2LabError(
+                "text must be a string or a non-empty list of strings (token ids go in as a "
+                f"tensor), got {show(text)}"
+            )
         ids = [self.tokenizer.encode(t) or [self.tokenizer.eot_token] for t in texts]
         tokens, mask = left_pad(ids, self.tokenizer.eot_token)
         tokens, mask = tokens.to(self.device), mask.to(self.device)
@@ -501,9 +565,10 @@ class GPT2(HookedModule):
         return tokens
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        return KVCache(
-            self.cfg, batch, max_len or self.cfg.n_ctx, dtype=self.dtype, device=self.device
-        )
+        """An empty KV cache for `batch` rows of up to `max_len` positions (default: the
+        context); refused before allocating if it would not fit in memory."""
+        max_len = self.cfg.n_ctx if max_len is None else max_len
+        return KVCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device)
 
     @property
     def dtype(self) -> torch.dtype:
