@@ -159,7 +159,7 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     from gpt2lab.training.optim import lr_at
 
     cfg = load_config(None, ["data.dir='x'", "model.preset='tiny'", "train.lr=1e-3", "train.warmup_steps=10",
-                             "train.max_steps=110"])  # fmt: skip
+                             "train.max_steps=110", "train.seq_len=32"])  # fmt: skip
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))

@@ -3,17 +3,33 @@
 One step = `grad_accum` micro-batches (per process) -> clip -> AdamW step. Everything
 a step depends on is a function of the step number or is saved in the checkpoint
 (weights, optimizer moments, RNG states, LN-removal scales), so a run killed at any
-moment and resumed with `--resume` ends with bit-identical weights. Checkpoints are
-written to a temporary file and renamed, so a kill during a write leaves the previous
-checkpoint intact.
+moment and resumed with `--resume` ends with bit-identical weights.
+
+What the trainer promises about faults (see `rundir` for the files):
+
+- Checkpoints are written atomically with a sha256 beside them and verified before
+  they are loaded; a damaged one is an error naming the file. `fallback=True`
+  (`gpt2lab train --resume --fallback`) moves damaged checkpoints aside as
+  `*.corrupt` and resumes from the newest good one instead; never without being asked.
+- A new run refuses an out_dir that holds another run's files unless
+  `overwrite=True` (`--overwrite`, which removes only gpt2lab's files of the old run);
+  `--resume` refuses a checkpoint made with other trajectory settings (seed, data,
+  batch, sequence length, learning-rate schedule, ...) and names what differs.
+- A non-finite loss or gradient norm never reaches the weights. With
+  `train.nonfinite = "stop"` (the default) the run stops with an error naming the
+  step; with `"skip"` the update is skipped and the run stops after
+  `train.nonfinite_limit` non-finite steps in a row. Weights are checked to be
+  finite before every save, so no run ends successfully with a NaN model.
+- OS errors (a read-only or full out_dir, an out_dir that is a file) are one-line
+  `GPT2LabError`s.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,16 +39,17 @@ import torch
 
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import save as save_model
-from ..config import GPT2Config
 from ..errors import GPT2LabError
 from ..model import GPT2
-from . import distributed, recipes
+from . import distributed, recipes, rundir
 from .config import TrainConfig
 from .data import TokenShards
 from .loss import cross_entropy
 from .optim import lr_at, make_optimizer
 
-CKPT_DIR = "checkpoints"
+CKPT_DIR = rundir.CKPT_DIR
+latest_checkpoint = rundir.latest_checkpoint
+_load_state = rundir.load_state
 
 
 # ---- building the model -------------------------------------------------------------
@@ -43,28 +60,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GPT2:
         if model.cfg.ln_free and cfg.train.recipe == "ln-free":
             raise GPT2LabError("ln-free: the checkpoint has no LayerNorms left to remove")
         return model.train()
-    base = GPT2Config.preset(m.preset) if m.preset else GPT2Config()
-    dims = {k: getattr(m, k) for k in ("n_layers", "d_model", "n_heads", "n_ctx") if getattr(m, k)}
-    model_cfg = base.with_(**dims, d_mlp=4 * dims.get("d_model", base.d_model))
-    model = GPT2(model_cfg).init_weights(seed=cfg.train.seed)
+    model = GPT2(cfg.model_config()).init_weights(seed=cfg.train.seed)
     return model.to(device).train()
 
 
 # ---- checkpoints ------------------------------------------------------------------------
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / CKPT_DIR).glob("step_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
 def _rng_state() -> dict:
     """RNG states as tensors and plain tuples, so checkpoints load with weights_only=True."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -87,22 +87,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GPT2LabError(
-            f"checkpoint {path} cannot be read ({str(e).strip().splitlines()[0]})"
-        ) from None
-
-
 # ---- the loop ------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        fallback: bool = False,
+        overwrite: bool = False,
+    ):
+        if fallback and not resume:
+            raise GPT2LabError("--fallback only applies with --resume")
+        if overwrite and resume:
+            raise GPT2LabError(
+                "--overwrite starts a new run over the old one and --resume continues it: give one"
+            )
         self.cfg = cfg
         t = cfg.train
         self.ctx = distributed.setup(t.device)
         self.out = Path(t.out_dir)
+        self.notes: list[tuple[int, str]] = []  # written to log.jsonl once it is open
+        old_run = self._check_out_dir(resume, overwrite) if self.ctx.is_main else []
         torch.manual_seed(t.seed + self.ctx.rank)
         if t.dtype == "float16" and self.ctx.device.type != "cuda":
             raise GPT2LabError("train.dtype float16 needs a CUDA device; use bfloat16 on the CPU")
@@ -116,6 +122,7 @@ class Trainer:
                 f"train.seq_len {t.seq_len} exceeds the model's context {self.model.cfg.n_ctx}"
             )
         self.trainable = recipes.select_parameters(self.model, cfg)
+        self.identity = rundir.run_identity(cfg.to_dict(), self.ctx.world)
 
         self.sigmas: dict[str, float] = {}
         self.schedule: dict[str, int] = {}
@@ -125,9 +132,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.ctx.device)
         self.step = 0
         self.best_val = math.inf
+        self.nonfinite_streak = 0  # non-finite steps in a row (train.nonfinite = "skip")
         self.report: dict = {}
         if resume:
-            self._resume()
+            self._resume(fallback)
         elif t.recipe == "ln-free":
             calib = [
                 self.train_data.batch(t.batch_size, t.seq_len, t.seed + 1, i)[0]
@@ -136,6 +144,9 @@ class Trainer:
             self.sigmas = recipes.measure_ln_scales(
                 self.model, [x.to(self.ctx.device) for x in calib]
             )
+        if old_run:  # --overwrite, now that the new run's set-up has succeeded
+            rundir.remove_run_files(self.out)
+            self.notes.append((0, f"--overwrite: removed {len(old_run)} files of the previous run"))
 
         self.net = self.model
         if t.compile:
@@ -154,6 +165,25 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda") if t.dtype == "float16" else None
 
+    # -- the out_dir -------------------------------------------------------------------------
+    def _check_out_dir(self, resume: bool, overwrite: bool) -> list[Path]:
+        """Refuse an out_dir that holds another run (unless --overwrite or --resume), make
+        sure it is writable, and clear what killed writes left. Returns the old run's
+        files that --overwrite will remove once the new run's set-up has succeeded."""
+        old_run = [] if resume else rundir.previous_run_files(self.out)
+        if old_run and not overwrite:
+            shown = ", ".join(str(p.relative_to(self.out)) for p in old_run[:3])
+            more = f" and {len(old_run) - 3} more" if len(old_run) > 3 else ""
+            raise GPT2LabError(
+                f"train.out_dir {self.out} already holds a run ({shown}{more}); "
+                "continue it with --resume, replace it with --overwrite, or choose another train.out_dir"
+            )
+        rundir.prepare_out_dir(self.out)
+        stale = rundir.remove_stale_files(self.out)
+        if stale:
+            self.notes.append((0, f"removed {len(stale)} stale temporary files from killed writes"))
+        return old_run
+
     # -- state -----------------------------------------------------------------------------
     def _state(self) -> dict:
         return {
@@ -164,34 +194,100 @@ class Trainer:
             "rng": _rng_state(),
             "model_config": self.model.cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
+            "identity": self.identity,
+            "nonfinite_streak": self.nonfinite_streak,
             "ln_sigmas": self.sigmas,
             "report": self.report,
         }
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.out)
-        if path is None:
+    def _resume(self, fallback: bool) -> None:
+        """Continue from the newest usable checkpoint. A damaged one is an error, or with
+        `fallback` is moved aside and the previous one tried; a checkpoint of another
+        run (other shape or trajectory settings) is always an error."""
+        candidates = rundir.checkpoints(self.out)[::-1]
+        if not candidates:
             raise GPT2LabError(f"--resume: no checkpoint in {self.out / CKPT_DIR}")
-        state = _load_state(path)
+        for path in candidates:
+            try:
+                state = rundir.load_state(path)
+                self._check_same_run(state, path)
+                self._restore(state, path)
+            except rundir.CheckpointError as e:
+                if not fallback:
+                    raise GPT2LabError(
+                        f"{e}; resume with --fallback to continue from the previous good checkpoint"
+                    ) from None
+                self._set_aside(path, e)
+                continue
+            if self.ctx.is_main:
+                dropped = rundir.truncate_log(self.out, self.step)
+                if dropped:
+                    self.notes.append((self.step, f"resumed: dropped {dropped} log records after step {self.step}"))  # fmt: skip
+            return
+        raise GPT2LabError(
+            f"--resume --fallback: no usable checkpoint left in {self.out / CKPT_DIR} "
+            "(the damaged ones were moved aside as *.corrupt)"
+        )
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        """--fallback: keep a damaged checkpoint for inspection, out of the way of resume."""
+        if not self.ctx.is_main:
+            return  # the main process moves it; the others just skip it
+        moved = rundir.quarantine(path)
+        message = f"{error}; moved it to {moved.name} and trying the previous checkpoint"
+        print(f"gpt2lab: warning: {message}", file=sys.stderr)
+        self.notes.append((rundir.step_of(path) or 0, message))
+
+    def _check_same_run(self, state: dict, path: Path) -> None:
         if state["model_config"] != self.model.cfg.to_dict():
-            theirs = {
-                k: v
-                for k, v in state["model_config"].items()
-                if self.model.cfg.to_dict().get(k) != v
-            }
+            mine = self.model.cfg.to_dict()
+            theirs = {k: v for k, v in state["model_config"].items() if mine.get(k) != v}
             raise GPT2LabError(f"--resume: {path} was trained with another model shape ({theirs})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.best_val = state["step"], state["best_val"]
+        saved = state.get("identity")
+        if not isinstance(saved, dict):  # written before checkpoints recorded it
+            saved = rundir.run_identity(state["train_config"], self.ctx.world)
+        differences = rundir.identity_differences(saved, self.identity)
+        if differences:
+            raise GPT2LabError(
+                f"--resume: {path} belongs to a run with other settings ({'; '.join(differences)}); "
+                "resume with the same settings (only max_steps, device, nonfinite and the "
+                "eval/log/checkpoint cadence may change) or start a new run in another train.out_dir"
+            )
+
+    def _restore(self, state: dict, path: Path) -> None:
+        """Load a verified checkpoint into the model, optimizer and RNGs."""
+        parts = [
+            ("the weights", lambda: self.model.load_state_dict(state["model"])),
+            ("the optimizer state", lambda: self.optimizer.load_state_dict(state["optimizer"])),
+            ("the random-number states", lambda: _set_rng_state(state["rng"])),
+        ]
+        for what, load in parts:
+            try:
+                load()
+            except Exception as e:
+                raise rundir.CheckpointError(
+                    f"checkpoint {path}: {what} cannot be restored ({rundir.one_line(e)})"
+                ) from None
+        self.step, self.best_val = state["step"], float(state["best_val"])
         self.sigmas, self.report = state["ln_sigmas"], state.get("report", {})
-        _set_rng_state(state["rng"])  # (LN-removal sites are re-applied by the loop from the step)
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        # (LN-removal sites are re-applied by the loop from the step)
 
     def save_checkpoint(self) -> None:
+        self._check_weights_finite()
         ckpt_dir = self.out / CKPT_DIR
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(self._state(), ckpt_dir / f"step_{self.step:07d}.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[: -self.cfg.checkpoint.keep]:
-            old.unlink()
+        rundir.save_checkpoint(self._state(), ckpt_dir / f"step_{self.step:07d}.pt")
+        rundir.prune(self.out, self.cfg.checkpoint.keep)
+
+    def _check_weights_finite(self) -> None:
+        """No NaN/inf weights are ever saved (a finite but huge update can overflow them)."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise GPT2LabError(
+                    f"step {self.step}: the weights are no longer finite ({name}); stopped "
+                    "without saving them. Lower train.lr or resume from an earlier checkpoint"
+                )
 
     # -- measuring --------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, net=None) -> torch.Tensor:
@@ -220,12 +316,106 @@ class Trainer:
         n = sum(p.numel() for p in self.model.parameters()) - c.n_ctx * c.d_model
         return 6 * n + 12 * c.n_layers * c.d_model * self.cfg.train.seq_len
 
+    # -- one step ------------------------------------------------------------------------------
+    def _forward_backward(self) -> float:
+        """Accumulate the gradients of this step's micro-batches; return the step's loss."""
+        t, ctx = self.cfg.train, self.ctx
+        total = 0.0
+        for micro in range(t.grad_accum):
+            index = (self.step * ctx.world + ctx.rank) * t.grad_accum + micro
+            x, y = self.train_data.batch(t.batch_size, t.seq_len, t.seed, index)
+            sync = micro == t.grad_accum - 1 or not ctx.enabled
+            with nullcontext() if sync else self.net.no_sync():
+                loss = self.loss(x, y) / t.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        return total
+
+    def _grad_norm(self) -> float | None:
+        """The gradients' global norm, clipped to train.grad_clip when that is > 0.
+
+        None under a float16 GradScaler: there inf gradients are expected now and then,
+        and the scaler itself skips those steps."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.train.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+            return None if self.scaler else norm.item()
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        if self.scaler or not grads:
+            return None
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        ).item()
+
+    def _finite(self, loss: float, norm: float | None) -> bool:
+        """Whether this step may update the weights (every process agrees)."""
+        ok = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+        if self.ctx.enabled:
+            import torch.distributed as dist
+
+            flag = torch.tensor([0.0 if ok else 1.0], device=self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            ok = flag.item() == 0.0
+        return ok
+
+    def _update(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _nonfinite(self, loss: float, norm: float | None, log: _Log) -> None:
+        """A step whose loss or gradient is NaN/inf: stop (the default), or skip its
+        update and stop only after train.nonfinite_limit of them in a row."""
+        t = self.cfg.train
+        step = self.step + 1
+        what = f"loss {loss}" + ("" if norm is None else f", gradient norm {norm}")
+        if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+            what += " here, not finite on another process"
+        self.nonfinite_streak += 1
+        if self.scaler:
+            self.scaler.update()  # the scaler's unscale_ must be closed by an update
+        if t.nonfinite == "skip" and self.nonfinite_streak < t.nonfinite_limit:
+            log.note(
+                step, f"non-finite step ({what}): update skipped ({self.nonfinite_streak} in a row)"
+            )
+            return
+        latest = latest_checkpoint(self.out)
+        since = f"; the last checkpoint is {latest}" if latest else ""
+        if t.nonfinite == "skip":
+            message = (
+                f"step {step}: {self.nonfinite_streak} non-finite steps in a row ({what}; "
+                f"train.nonfinite_limit = {t.nonfinite_limit}); stopped{since}"
+            )
+        else:
+            message = (
+                f"step {step}: the training loss or gradient is not finite ({what}); stopped "
+                f"before the update{since}. Lower train.lr, check the data, or set "
+                "train.nonfinite = 'skip'"
+            )
+        log.note(step, message)
+        raise GPT2LabError(message)
+
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
-        t, ctx = self.cfg.train, self.ctx
+        ctx = self.ctx
         log = _Log(self.out, self.cfg, enabled=ctx.is_main, start=self.step)
-        if self.step == 0 and ctx.is_main:
-            self.report["val_loss_start"] = self.evaluate()
+        try:
+            for step, message in self.notes:
+                log.note(step, message)
+            if self.step == 0 and ctx.is_main:
+                self.report["val_loss_start"] = self.evaluate()
+            self._loop(log)
+            return self._finish(log)
+        finally:
+            log.close()
+            distributed.teardown(ctx)
+
+    def _loop(self, log: _Log) -> None:
+        t, ctx = self.cfg.train, self.ctx
         peak = _peak_flops(ctx.device, t.dtype)
         tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * ctx.world
         while self.step < t.max_steps:
@@ -241,66 +431,53 @@ class Trainer:
             lr = lr_at(self.step, self.cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            total = 0.0
-            for micro in range(t.grad_accum):
-                index = (self.step * ctx.world + ctx.rank) * t.grad_accum + micro
-                x, y = self.train_data.batch(t.batch_size, t.seq_len, t.seed, index)
-                sync = micro == t.grad_accum - 1 or not ctx.enabled
-                with nullcontext() if sync else self.net.no_sync():
-                    loss = self.loss(x, y) / t.grad_accum
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
-                total += loss.item()
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], t.grad_clip
-                )
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            loss = self._forward_backward()
+            norm = self._grad_norm()
+            finite = self._finite(loss, norm)
+            if finite:
+                self._update()
+                self.nonfinite_streak = 0
             else:
-                self.optimizer.step()
+                self._nonfinite(loss, norm, log)
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
 
             elapsed = time.perf_counter() - started
             tok_s = tokens_per_step / elapsed
-            record = {"step": self.step, "loss": total, "lr": lr, "tokens_per_s": tok_s,
+            record = {"step": self.step, "loss": loss if finite else None, "lr": lr, "tokens_per_s": tok_s,
                       "mfu": tok_s * self.flops_per_token() / (peak * ctx.world)}  # fmt: skip
-            if (
-                ctx.is_main
-                and self.cfg.eval.every
-                and (self.step % self.cfg.eval.every == 0 or self.step == t.max_steps)
-            ):
-                record["val_loss"] = val = self.evaluate()
-                if val is not None and val < self.best_val:
-                    self.best_val = val
-                    save_model(self.model, self.out / "best")
-            if (
-                self.step % self.cfg.log.every == 0
-                or self.step == t.max_steps
-                or "val_loss" in record
-            ):
-                log.write(record)
-            if ctx.is_main and (
-                self.step % self.cfg.checkpoint.every == 0 or self.step == t.max_steps
-            ):
-                self.save_checkpoint()
+            if not finite:
+                record["skipped"] = True
+            self._after_step(record, log)
 
+    def _after_step(self, record: dict, log: _Log) -> None:
+        """Evaluate, log and checkpoint on their cadences."""
+        t, ctx = self.cfg.train, self.ctx
+        last = self.step == t.max_steps
+        if ctx.is_main and self.cfg.eval.every and (self.step % self.cfg.eval.every == 0 or last):
+            record["val_loss"] = val = self.evaluate()
+            if val is not None and val < self.best_val:
+                self._check_weights_finite()
+                self.best_val = val
+                save_model(self.model, self.out / "best")
+        if self.step % self.cfg.log.every == 0 or last or "val_loss" in record:
+            log.write(record)
+        if ctx.is_main and (self.step % self.cfg.checkpoint.every == 0 or last):
+            self.save_checkpoint()
+
+    def _finish(self, log: _Log) -> Path:
         final = self.out / "final"
-        if ctx.is_main:
-            if t.recipe == "ln-free":
+        if self.ctx.is_main:
+            if self.cfg.train.recipe == "ln-free":
                 recipes.fold_ln_scales(self.model)
                 self.report["val_loss_end"] = self.evaluate()
                 log.note(
                     self.step,
                     f"ln-free: held-out loss {self.report['val_loss_start']} -> {self.report['val_loss_end']}",
                 )
+            self._check_weights_finite()
             save_model(self.model, final)
             (self.out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
-        log.close()
-        distributed.teardown(ctx)
         return final
 
 
@@ -373,7 +550,10 @@ class _Log:
                 if key != "step" and value is not None:
                     self.tb.add_scalar(key, value, record["step"])
         if self.bar:
-            desc = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
+            loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+            desc = (
+                f"loss {loss}  {record['tokens_per_s']:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
+            )
             if record.get("val_loss") is not None:
                 desc += f"  val {record['val_loss']:.4f}"
             self.bar.update(self.task, completed=record["step"], description=desc)
@@ -392,6 +572,18 @@ class _Log:
             self.file.close()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Run (or resume) a training run; returns the directory of the final model (HF layout)."""
-    return Trainer(cfg, resume=resume).train()
+def train(
+    cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False
+) -> Path:
+    """Run (or resume) a training run; returns the directory of the final model (HF layout).
+
+    resume: continue from the newest checkpoint in train.out_dir (it must belong to a
+        run with the same trajectory settings).
+    fallback: with resume, move damaged checkpoints aside (`*.corrupt`) and continue
+        from the newest good one, instead of stopping with an error.
+    overwrite: start a new run in an out_dir that holds another run, removing that
+        run's checkpoints, log, report and final/best models (nothing else)."""
+    try:
+        return Trainer(cfg, resume=resume, fallback=fallback, overwrite=overwrite).train()
+    except OSError as e:  # a full or read-only disk mid-run, a vanished file, ...
+        raise GPT2LabError(rundir.os_error_message(e)) from None

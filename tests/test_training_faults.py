@@ -1,0 +1,599 @@
+"""Training under faults: damaged checkpoints, reused out_dirs, NaN/inf losses, bad
+settings, full or unusable disks, pruning, stale temporary files and the log on resume.
+
+Every run here is the same tiny model (2 layers, d_model 32, the real vocabulary) on a
+small corpus, 4 steps with a checkpoint after each. `reference` is the uninterrupted run;
+`interrupted` is a copy of it as a run killed after the checkpoint of step 3 would leave
+it (step 4's checkpoint, the final model and the report gone, step 4 still in the log).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpt2lab as gl
+from gpt2lab.training import rundir, trainer
+from gpt2lab.training.config import load_config
+from gpt2lab.training.data import prepare
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good "
+    "fortune, must be in want of a wife. However little known the feelings or views of "
+    "such a man may be on his first entering a neighbourhood, this truth is so well fixed "
+    "in the minds of the surrounding families, that he is considered the rightful property "
+    "of some one or other of their daughters.\n"
+)
+BASE = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.n_ctx=64",
+        "log.progress=false", "eval.iters=2", "eval.every=0", "train.seq_len=16",
+        "train.batch_size=2", "train.max_steps=4", "train.warmup_steps=2", "train.lr=3e-3",
+        "checkpoint.every=1", "checkpoint.keep=4", "log.every=1"]  # fmt: skip
+STEP3 = "step_0000003.pt"
+
+
+@pytest.fixture(autouse=True)
+def no_peak_measurement(monkeypatch):
+    """MFU's reference matmul (about a second per run) is irrelevant to these tests."""
+    monkeypatch.setattr(trainer, "_peak_flops", lambda *args: 1e12)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("faults_src")
+    for i in range(6):
+        (src / f"doc{i}.txt").write_text(TEXT * (i + 2))
+    out = tmp_path_factory.mktemp("faults_corpus")
+    prepare([src], out, val_fraction=0.2, seed=0, progress=False)
+    return out
+
+
+def settings(out: Path, corpus: Path, *extra: str) -> list[str]:
+    return [*BASE, f"data.dir='{corpus}'", f"train.out_dir='{out}'", *extra]
+
+
+def config(out: Path, corpus: Path, *extra: str):
+    return load_config(None, settings(out, corpus, *extra))
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def log_records(out: Path) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trainer, "_peak_flops", lambda *args: 1e12)
+    try:
+        trainer.train(config(out, corpus))
+    finally:
+        mp.undo()
+    return out
+
+
+@pytest.fixture
+def interrupted(tmp_path, reference) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in ("step_0000004.pt", "step_0000004.pt.sha256"):
+        (out / "checkpoints" / name).unlink()
+    shutil.rmtree(out / "final")
+    (out / "report.json").unlink()
+    return out
+
+
+# ---- the CLI, in process (the same handler as `gpt2lab`, without a new interpreter) -------
+def cli(capsys, config_file: Path, *args: str, sets: list[str] = ()) -> tuple[int, str, str]:
+    from gpt2lab.cli import main
+
+    argv = ["train", str(config_file), *[a for s in sets for a in ("--set", s)], *args]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 1, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt2lab: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def empty_toml(tmp_path) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text("")
+    return path
+
+
+# ---- damaged checkpoints ------------------------------------------------------------------
+def _garbage(n: int) -> bytes:
+    return np.random.default_rng(0).bytes(n)
+
+
+def _overwrite(at: str, size: int):
+    def corrupt(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        start = {"start": 0, "middle": len(data) // 2, "end": len(data) - size}[at]
+        data[start : start + size] = _garbage(size)
+        path.write_bytes(bytes(data))
+
+    return corrupt
+
+
+def _flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _without_checksum(corrupt):
+    """A checkpoint without its .sha256 (as written by an older gpt2lab): zip CRCs only."""
+
+    def apply(path: Path) -> None:
+        corrupt(path)
+        (path.parent / (path.name + ".sha256")).unlink()
+
+    return apply
+
+
+def _rewritten(change):
+    """A checkpoint that is an intact file (its checksum matches) but a wrong state."""
+
+    def apply(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        rundir.save_checkpoint(change(state), path)
+
+    return apply
+
+
+def _drop(key):
+    return lambda state: {k: v for k, v in state.items() if k != key}
+
+
+def _set(key, value):
+    return lambda state: {**state, key: value}
+
+
+def _bad_weights(state):
+    model = dict(state["model"])
+    model["wte.weight"] = torch.zeros(3, 3)
+    return {**state, "model": model}
+
+
+DAMAGE = {
+    "start": _overwrite("start", 64),
+    "middle-4KB": _overwrite("middle", 4096),
+    "end": _overwrite("end", 64),
+    "one-bit": _flip_bit,
+    "truncated": _truncate,
+    "empty": _empty,
+    "start-crc-only": _without_checksum(_overwrite("start", 64)),
+    "middle-crc-only": _without_checksum(_overwrite("middle", 4096)),
+    "end-crc-only": _without_checksum(_overwrite("end", 64)),
+    "truncated-crc-only": _without_checksum(_truncate),
+    "missing-key": _rewritten(_drop("optimizer")),
+    "wrong-type": _rewritten(_set("step", "3")),
+    "not-a-dict": _rewritten(lambda state: torch.zeros(3)),
+    "wrong-weights": _rewritten(_bad_weights),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_named_then_fallback_resumes_bit_identical(
+    damage, interrupted, reference, corpus, capsys
+):
+    DAMAGE[damage](interrupted / "checkpoints" / STEP3)
+    cfg = config(interrupted, corpus)
+    with pytest.raises(gl.GPT2LabError, match="--fallback") as error:
+        trainer.train(cfg, resume=True)
+    message = str(error.value)
+    assert STEP3 in message and "\n" not in message
+    assert (interrupted / "checkpoints" / STEP3).exists()  # nothing moved without being asked
+
+    capsys.readouterr()
+    trainer.train(cfg, resume=True, fallback=True)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("gpt2lab: warning: ") and STEP3 in warning[0]
+    assert (interrupted / "checkpoints" / (STEP3 + ".corrupt")).exists()
+    assert_same_weights(interrupted, reference)
+    notes = [r["note"] for r in log_records(interrupted) if "note" in r]
+    assert any(STEP3 in note and "corrupt" in note for note in notes), notes
+
+
+def test_fallback_with_no_good_checkpoint_left(interrupted, corpus):
+    for path in rundir.checkpoints(interrupted):
+        _truncate(path)
+    with pytest.raises(gl.GPT2LabError, match="no usable checkpoint left"):
+        trainer.train(config(interrupted, corpus), resume=True, fallback=True)
+    assert len(list((interrupted / "checkpoints").glob("*.corrupt"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "middle-4KB", "missing-key"])
+def test_cli_resume_of_a_damaged_checkpoint_is_one_line(
+    damage, interrupted, corpus, empty_toml, capsys
+):
+    DAMAGE[damage](interrupted / "checkpoints" / STEP3)
+    code, _, err = cli(capsys, empty_toml, "--resume", sets=settings(interrupted, corpus))
+    assert_one_line_error(code, err, STEP3, "--fallback")
+
+
+def test_cli_damaged_checkpoint_in_a_real_process(interrupted, corpus, empty_toml):
+    _empty(interrupted / "checkpoints" / STEP3)
+    args = [sys.executable, "-m", "gpt2lab", "train", str(empty_toml), "--resume"]
+    for item in settings(interrupted, corpus):
+        args += ["--set", item]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert_one_line_error(proc.returncode, proc.stderr, STEP3, "empty (0 bytes)")
+
+
+# ---- run identity in out_dir ------------------------------------------------------------------
+def test_new_run_refuses_another_runs_out_dir(interrupted, corpus, empty_toml, capsys):
+    (interrupted / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(interrupted) for p in interrupted.rglob("*"))
+    code, _, err = cli(capsys, empty_toml, sets=settings(interrupted, corpus))
+    assert_one_line_error(code, err, "already holds a run", "--resume", "--overwrite")
+    assert sorted(p.relative_to(interrupted) for p in interrupted.rglob("*")) == before
+
+
+def test_overwrite_removes_only_the_old_runs_files(interrupted, corpus, empty_toml, capsys):
+    (interrupted / "notes.txt").write_text("mine")
+    (interrupted / "data").mkdir()
+    # the old run reached step 3; the new one stops at 2, so by name the old ones would win
+    new = settings(interrupted, corpus, "train.max_steps=2", "checkpoint.keep=1")
+    code, out, err = cli(capsys, empty_toml, "--overwrite", sets=new)
+    assert code == 0, err
+    assert [p.name for p in rundir.checkpoints(interrupted)] == ["step_0000002.pt"]
+    assert (interrupted / "notes.txt").read_text() == "mine" and (interrupted / "data").is_dir()
+    assert [r["step"] for r in log_records(interrupted) if "loss" in r] == [1, 2]
+    assert rundir.load_state(rundir.latest_checkpoint(interrupted))["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["train.seed=7", "train.batch_size=3", "train.seq_len=24", "train.lr=1e-3",
+     "train.min_lr=0.0", "train.warmup_steps=3", "train.grad_accum=2", "train.weight_decay=0.0",
+     "train.beta2=0.99", "train.grad_clip=0.5", "train.dtype='bfloat16'",
+     "train.freeze=['wpe.weight']"],
+)  # fmt: skip
+def test_resume_refuses_other_trajectory_settings(change, interrupted, corpus):
+    key = change.split("=")[0]
+    with pytest.raises(gl.GPT2LabError, match="belongs to a run with other settings") as error:
+        trainer.train(config(interrupted, corpus, change), resume=True)
+    assert key in str(error.value) and STEP3 in str(error.value)
+
+
+def test_resume_refuses_other_data(interrupted, corpus, tmp_path):
+    other = tmp_path / "other_data"
+    shutil.copytree(corpus, other)
+    with pytest.raises(gl.GPT2LabError, match="data.dir"):
+        trainer.train(config(interrupted, other), resume=True)
+
+
+def test_resume_allows_cadence_changes_and_stays_bit_identical(interrupted, reference, corpus):
+    cfg = config(interrupted, corpus, "eval.every=2", "log.every=3", "checkpoint.every=2",
+                 "checkpoint.keep=1", "eval.iters=1")  # fmt: skip
+    trainer.train(cfg, resume=True)
+    assert_same_weights(interrupted, reference)
+
+
+def test_resume_allows_a_longer_run(interrupted, corpus):
+    trainer.train(config(interrupted, corpus, "train.max_steps=5"), resume=True)
+    assert rundir.load_state(rundir.latest_checkpoint(interrupted))["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--overwrite", "--resume"], "give one"), (["--fallback"], "only applies with --resume")],
+)
+def test_contradictory_flags(flags, message, tmp_path, corpus, empty_toml, capsys):
+    code, _, err = cli(capsys, empty_toml, *flags, sets=settings(tmp_path / "run", corpus))
+    assert_one_line_error(code, err, message)
+
+
+# ---- non-finite losses and gradients ------------------------------------------------------------
+class _InfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def poison(monkeypatch, steps: set[int], kind: str = "nan") -> None:
+    """Make the training loss of the given steps NaN, or finite with an inf gradient."""
+    real = trainer.cross_entropy
+    calls = {"n": 0}
+
+    def cross_entropy(logits, targets):
+        loss = real(logits, targets)
+        if not torch.is_grad_enabled():  # an evaluation, not a training step
+            return loss
+        calls["n"] += 1
+        if calls["n"] in steps:
+            return loss * float("nan") if kind == "nan" else _InfGradient.apply(loss)
+        return loss
+
+    monkeypatch.setattr(trainer, "cross_entropy", cross_entropy)
+
+
+@pytest.mark.parametrize(
+    "kind, grad_clip, needle",
+    [("nan", "1.0", "loss nan"), ("inf-grad", "1.0", "gradient norm"),
+     ("inf-grad", "0.0", "gradient norm")],
+)  # fmt: skip
+def test_nonfinite_step_stops_and_names_it(kind, grad_clip, needle, tmp_path, corpus, monkeypatch):
+    poison(monkeypatch, {3}, kind)
+    out = tmp_path / "run"
+    with pytest.raises(gl.GPT2LabError, match="step 3: .*not finite") as error:
+        trainer.train(config(out, corpus, f"train.grad_clip={grad_clip}"))
+    assert needle in str(error.value)
+    assert not (out / "final").exists()
+    assert [p.name for p in rundir.checkpoints(out)] == ["step_0000001.pt", "step_0000002.pt"]
+    state = rundir.load_state(out / "checkpoints" / "step_0000002.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert any("not finite" in r.get("note", "") for r in log_records(out))
+
+
+def test_skip_leaves_the_weights_untouched_and_continues(tmp_path, corpus, monkeypatch):
+    poison(monkeypatch, {2, 3})
+    out = tmp_path / "run"
+    trainer.train(config(out, corpus, "train.nonfinite='skip'", "train.nonfinite_limit=3"))
+    records = {r["step"]: r for r in log_records(out) if "loss" in r}
+    assert [s for s, r in records.items() if r.get("skipped")] == [2, 3]
+    assert records[2]["loss"] is None and np.isfinite(records[4]["loss"])
+    one, three = (rundir.load_state(out / "checkpoints" / f"step_000000{i}.pt") for i in (1, 3))
+    for name, w in one["model"].items():
+        assert torch.equal(w, three["model"][name]), name  # no update at steps 2 and 3
+    assert not torch.equal(three["model"]["wte.weight"], weights(out)["transformer.wte.weight"])
+
+
+def test_skip_stops_after_the_limit_in_a_row(tmp_path, corpus, monkeypatch):
+    poison(monkeypatch, {2, 3})
+    with pytest.raises(gl.GPT2LabError, match="step 3: 2 non-finite steps in a row"):
+        trainer.train(config(tmp_path, corpus, "train.nonfinite='skip'", "train.nonfinite_limit=2"))
+    assert not (tmp_path / "final").exists()
+
+
+def test_cli_huge_learning_rate_exits_1_without_a_model(tmp_path, corpus, empty_toml, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, empty_toml, sets=settings(out, corpus, "train.lr=1e30"))
+    assert_one_line_error(code, err, "finite")
+    assert not (out / "final").exists() and not (out / "best").exists()
+    for path in rundir.checkpoints(out):
+        state = rundir.load_state(path)
+        assert all(torch.isfinite(t).all() for t in state["model"].values()), path
+
+
+def test_weights_are_checked_before_every_save(tmp_path, corpus, monkeypatch):
+    """A finite loss with an update that overflows the weights is still never saved."""
+    real_update = trainer.Trainer._update
+
+    def overflowing_update(self):
+        real_update(self)
+        if self.step == 1:  # the update that produces step 2
+            with torch.no_grad():
+                self.model.wte.weight[0, 0] = float("inf")
+
+    monkeypatch.setattr(trainer.Trainer, "_update", overflowing_update)
+    out = tmp_path / "run"
+    with pytest.raises(gl.GPT2LabError, match="step 2: the weights are no longer finite"):
+        trainer.train(config(out, corpus, "train.max_steps=2"))
+    assert [p.name for p in rundir.checkpoints(out)] == ["step_0000001.pt"]
+    assert not (out / "final").exists()
+
+
+# ---- settings out of range: refused before any work ----------------------------------------------
+BAD_SETTINGS = [
+    ("train.lr=inf", "train.lr must be a finite number > 0"),
+    ("train.lr=nan", "train.lr must be a finite number > 0"),
+    ("train.lr=1e999", "train.lr must be a finite number > 0"),
+    ("train.lr=0", "train.lr must be a finite number > 0"),
+    ("train.lr=-1e-3", "train.lr must be a finite number > 0"),
+    ("train.min_lr=inf", "train.min_lr must be"),
+    ("train.min_lr=-2", "train.min_lr must be"),
+    ("train.beta1=2", "train.beta1 must be in [0, 1)"),
+    ("train.beta1=1", "train.beta1 must be in [0, 1)"),
+    ("train.beta2=-0.1", "train.beta2 must be in [0, 1)"),
+    ("train.beta2=nan", "train.beta2 must be in [0, 1)"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be"),
+    ("train.grad_clip=-1", "train.grad_clip must be"),
+    ("train.grad_clip=inf", "train.grad_clip must be"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be at least 0"),
+    ("train.batch_size=0", "train.batch_size must be at least 1"),
+    ("train.seq_len=0", "train.seq_len must be at least 1"),
+    ("train.seq_len=65", "exceeds the model's context 64"),
+    ("train.grad_accum=0", "train.grad_accum must be at least 1"),
+    ("train.max_steps=-5", "train.max_steps must be at least 1"),
+    ("train.seed=-1", "train.seed must be"),
+    ("train.seed=4294967296", "train.seed must be"),
+    ("train.seed=1.5", "train.seed must be an integer"),
+    ("train.batch_size=true", "train.batch_size must be an integer"),
+    ("train.nonfinite='ignore'", "train.nonfinite must be 'stop' or 'skip'"),
+    ("train.nonfinite_limit=0", "train.nonfinite_limit must be at least 1"),
+    ("train.ln_free_start=-1", "train.ln_free_start must be at least 0"),
+    ("train.ln_free_gap=-1", "train.ln_free_gap must be at least 0"),
+    ("train.ln_free_calib_batches=0", "train.ln_free_calib_batches must be at least 1"),
+    ("train.dtype='float64'", "train.dtype must be"),
+    ("train.out_dir=''", "train.out_dir must be a folder path"),
+    ("eval.every=-1", "eval.every must be at least 0"),
+    ("eval.iters=0", "eval.iters must be at least 1"),
+    ("checkpoint.every=0", "checkpoint.every must be at least 1"),
+    ("checkpoint.keep=0", "checkpoint.keep must be at least 1"),
+    ("checkpoint.keep=-1", "checkpoint.keep must be at least 1"),
+    ("log.every=0", "log.every must be at least 1"),
+    ("model.n_layers=-2", "model.n_layers must be at least 0"),
+    ("model.n_heads=3", "divisible"),
+]
+
+
+@pytest.mark.parametrize("setting, message", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_bad_setting_is_refused_before_any_work(
+    setting, message, tmp_path, corpus, empty_toml, capsys
+):
+    out = tmp_path / "run"
+    with pytest.raises(gl.GPT2LabError, match="config: ") as error:
+        config(out, corpus, setting)
+    assert message in str(error.value)
+    code, _, err = cli(capsys, empty_toml, sets=settings(out, corpus, setting))
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+# ---- OS errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, message",
+    [(lambda p: p.mkdir(), "is a directory"),
+     (lambda p: p.write_bytes(b"\xff\xfe\x00\x81binary"), "not UTF-8"),
+     (lambda p: p.write_bytes(b"\x00\x01\x02\x03"), "not valid TOML")],
+)  # fmt: skip
+def test_unusable_config_file(make, message, tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    make(path)
+    code, _, err = cli(capsys, path)
+    assert_one_line_error(code, err, str(path), message)
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [(lambda p: (p.write_text("x"), p)[1], "is a file"),
+     (lambda p: (p.write_text("x"), p / "sub")[1], "not writable")],
+)  # fmt: skip
+def test_unusable_out_dir(make_out, message, tmp_path, corpus, empty_toml, capsys):
+    out = make_out(tmp_path / "out")
+    code, _, err = cli(capsys, empty_toml, sets=settings(out, corpus))
+    assert_one_line_error(code, err, message)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes to read-only folders")  # fmt: skip
+def test_read_only_out_dir(tmp_path, corpus, empty_toml, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        code, _, err = cli(capsys, empty_toml, sets=settings(out, corpus))
+    finally:
+        out.chmod(0o700)
+    assert_one_line_error(code, err, "not writable")
+
+
+def test_full_disk_during_a_checkpoint_write(tmp_path, corpus, monkeypatch, capsys, empty_toml):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, empty_toml, sets=settings(out, corpus))
+    assert_one_line_error(code, err, "step_0000002.pt", "No space left on device")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_0000001.pt",
+        "step_0000001.pt.sha256",
+    ]  # no .tmp left behind, the previous checkpoint intact
+    rundir.verify(out / "checkpoints" / "step_0000001.pt")
+
+
+def test_full_disk_when_saving_the_final_model(tmp_path, corpus, monkeypatch, capsys, empty_toml):
+    def full(model, directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(trainer, "save_model", full)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, empty_toml, sets=settings(out, corpus, "train.max_steps=1"))
+    assert_one_line_error(code, err, str(out / "final"), "No space left on device")
+
+
+# ---- pruning, stale files, the log --------------------------------------------------------------
+def test_keep_prunes_to_the_newest_by_step_number(tmp_path, corpus):
+    out = tmp_path / "run"
+    trainer.train(config(out, corpus, "checkpoint.keep=2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_0000003.pt", "step_0000003.pt.sha256", "step_0000004.pt", "step_0000004.pt.sha256"]  # fmt: skip
+
+
+def test_checkpoints_are_ordered_by_number_not_name(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for step in (9_999_999, 10_000_000, 2):
+        (ckpt / f"step_{step:07d}.pt").write_bytes(b"x")
+    (ckpt / "step_x.pt").write_bytes(b"x")  # not a step checkpoint
+    assert rundir.latest_checkpoint(tmp_path).name == "step_10000000.pt"
+    assert [p.name for p in rundir.prune(tmp_path, 1)] == ["step_0000002.pt", "step_9999999.pt"]
+    with pytest.raises(gl.GPT2LabError, match="at least 1"):
+        rundir.prune(tmp_path, 0)
+
+
+def test_stale_temporary_files_are_removed_on_resume(interrupted, reference, corpus):
+    ckpt = interrupted / "checkpoints"
+    stale = [ckpt / "step_0000004.pt.tmp", ckpt / "step_0000004.pt.sha256.tmp",
+             ckpt / "step_0000009.pt.sha256", interrupted / "log.jsonl.tmp"]  # fmt: skip
+    for path in stale:
+        path.write_bytes(b"half a write")
+    trainer.train(config(interrupted, corpus), resume=True)
+    assert not any(path.exists() for path in stale)
+    assert_same_weights(interrupted, reference)
+
+
+def test_stale_temporary_files_alone_do_not_make_a_run(tmp_path, corpus):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_0000002.pt.tmp").write_bytes(b"half a write")
+    trainer.train(config(out, corpus, "train.max_steps=1"))
+    assert not (out / "checkpoints" / "step_0000002.pt.tmp").exists()
+
+
+def test_log_has_no_duplicate_records_after_resume(interrupted, reference, corpus):
+    with open(interrupted / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a torn last line from the kill
+    trainer.train(config(interrupted, corpus), resume=True)
+    ours = [(r["step"], r["loss"]) for r in log_records(interrupted) if "loss" in r]
+    theirs = [(r["step"], r["loss"]) for r in log_records(reference) if "loss" in r]
+    assert [step for step, _ in ours] == [1, 2, 3, 4]
+    assert ours == theirs
+
+
+def test_resume_without_a_checkpoint(tmp_path, corpus):
+    with pytest.raises(gl.GPT2LabError, match="no checkpoint"):
+        trainer.train(config(tmp_path / "nothing", corpus), resume=True)
