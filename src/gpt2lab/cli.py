@@ -213,14 +213,33 @@ def train(
         [], "--set", help="override a setting: section.key=value (repeatable)"
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="continue from the latest checkpoint in out_dir"
+        False,
+        "--resume",
+        help="continue from the latest checkpoint in out_dir (it must be of a run with the "
+        "same settings; max_steps, device, nonfinite and the eval/log/checkpoint cadence may change)",
+    ),
+    fallback: bool = typer.Option(
+        False,
+        "--fallback",
+        help="with --resume: if the latest checkpoint is damaged, move it aside (*.corrupt) "
+        "and resume from the newest good one instead of stopping",
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="start a new run in an out_dir that holds another run, removing that run's "
+        "checkpoints, log, report and best/final models (nothing else)",
     ),
 ) -> None:
-    """Train from scratch or fine-tune a checkpoint (torchrun for several processes)."""
+    """Train from scratch or fine-tune a checkpoint (torchrun for several processes).
+
+    A NaN/inf loss stops the run with an error (train.nonfinite = "skip" skips such
+    updates instead, up to train.nonfinite_limit in a row)."""
     from .training.config import load_config
     from .training.trainer import train as run_train
 
-    final = run_train(load_config(config, set_), resume=resume)
+    cfg = load_config(config, set_)
+    final = run_train(cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"final model: {final}")
 
