@@ -234,6 +234,17 @@ def test_damaged_checkpoint_is_named_then_fallback_resumes_bit_identical(
     assert any(STEP3 in note and "corrupt" in note for note in notes), notes
 
 
+def test_checkpoint_of_an_older_gpt2lab_still_resumes(interrupted, reference, corpus):
+    """No .sha256 beside it (zip CRCs are checked instead) and no recorded identity
+    (it is derived from the saved train_config): resumes, bit-identical."""
+    path = interrupted / "checkpoints" / STEP3
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("identity", "nonfinite_streak")}, path)
+    (interrupted / "checkpoints" / (STEP3 + ".sha256")).unlink()
+    trainer.train(config(interrupted, corpus), resume=True)
+    assert_same_weights(interrupted, reference)
+
+
 def test_fallback_with_no_good_checkpoint_left(interrupted, corpus):
     for path in rundir.checkpoints(interrupted):
         _truncate(path)
@@ -381,6 +392,18 @@ def test_skip_leaves_the_weights_untouched_and_continues(tmp_path, corpus, monke
     for name, w in one["model"].items():
         assert torch.equal(w, three["model"][name]), name  # no update at steps 2 and 3
     assert not torch.equal(three["model"]["wte.weight"], weights(out)["transformer.wte.weight"])
+
+
+def test_skip_under_a_grad_scaler(tmp_path, corpus, monkeypatch):
+    """float16 runs (CUDA only) step through a GradScaler, whose unscale_ must be closed
+    by an update even when the step is skipped; checked here with the CPU scaler."""
+    poison(monkeypatch, {2})
+    run = trainer.Trainer(config(tmp_path, corpus, "train.nonfinite='skip'"))
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    run.train()
+    assert run.scaler.get_scale() == 8.0  # the skipped step halved the scale
+    records = {r["step"]: r for r in log_records(tmp_path) if "loss" in r}
+    assert records[2].get("skipped") and not records[3].get("skipped")
 
 
 def test_skip_stops_after_the_limit_in_a_row(tmp_path, corpus, monkeypatch):

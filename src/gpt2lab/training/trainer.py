@@ -286,7 +286,7 @@ class Trainer:
             if not torch.isfinite(p).all():
                 raise GPT2LabError(
                     f"step {self.step}: the weights are no longer finite ({name}); stopped "
-                    "without saving them. Lower train.lr or resume from an earlier checkpoint"
+                    "without saving them. Lower train.lr and start again (--overwrite)"
                 )
 
     # -- measuring --------------------------------------------------------------------------
@@ -393,8 +393,8 @@ class Trainer:
         else:
             message = (
                 f"step {step}: the training loss or gradient is not finite ({what}); stopped "
-                f"before the update{since}. Lower train.lr, check the data, or set "
-                "train.nonfinite = 'skip'"
+                f"before the update{since}. Check the data, lower train.lr and start again "
+                "(--overwrite), or --resume with train.nonfinite = 'skip'"
             )
         log.note(step, message)
         raise GPT2LabError(message)
