@@ -20,7 +20,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -119,7 +119,7 @@ def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
         ) from None
     if not isinstance(header, dict):
         raise GPT2LabError(
-            f"{path} is corrupt: its safetensors header is a JSON {type(header).__name__}, "
+            f"{path} is corrupt: its safetensors header is a JSON {_json_kind(header)}, "
             "not an object"
         )
     header.pop("__metadata__", None)
@@ -127,10 +127,9 @@ def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
     for name, info in sorted(header.items(), key=lambda kv: _begin(kv[1])):
         begin, stop = _check_entry(path, name, info)
         if begin != end:
-            problem = "overlaps the tensor before it" if begin < end else "leaves a gap"
             raise GPT2LabError(
-                f"{path} is corrupt: tensor {name} starts at byte {begin} and {problem} "
-                f"(which ends at {end})"
+                f"{path} is corrupt: tensor {name} starts at byte {begin}, not at {end} where "
+                f"the data before it ends ({'an overlap' if begin < end else 'a gap'})"
             )
         end = stop
     if 8 + n + end > size:
@@ -139,6 +138,12 @@ def _read_safetensors_header(path: Path, f) -> tuple[dict, int]:
             "download it again"
         )
     return header, 8 + n
+
+
+def _json_kind(value) -> str:
+    """JSON's name for a parsed value's type, for messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
 
 
 def _begin(info) -> int:
@@ -158,7 +163,7 @@ def _check_entry(path: Path, name: str, info) -> tuple[int, int]:
         return GPT2LabError(f"{path} is corrupt: tensor {name!r} {what}")
 
     if not isinstance(info, dict):
-        raise bad(f"is described by a JSON {type(info).__name__}, not an object")
+        raise bad(f"is described by a JSON {_json_kind(info)}, not an object")
     dtype = info.get("dtype")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise bad(f"has unsupported dtype {show(dtype)}")
@@ -236,10 +241,24 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
 
 
 # ---- .bin (pickle), refusing anything but tensors --------------------------------------
-def _first_line(e: BaseException) -> str:
-    """An exception's first line, never empty (torch.load's EOFError has no message)."""
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's first line, never empty (torch.load's EOFError has no message),
+    cut to `limit` characters."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _unpickling_detail(e: BaseException) -> str:
+    """What torch's weights-only unpickler objected to (its message opens with several
+    lines of advice about `weights_only`; the reason follows "WeightsUnpickler error:")."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = text.split(marker, 1)[1].strip()
+        if rest:
+            return _first_line(Exception(rest))
+    return _first_line(e)
 
 
 def read_bin(
@@ -261,8 +280,9 @@ def read_bin(
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise GPT2LabError(
-            f"refusing to load {path}: it holds more than plain tensors and could run code "
-            f"({_first_line(e)}); convert it to safetensors from a trusted environment"
+            f"refusing to load {path}: it is corrupt or holds more than plain tensors, which "
+            f"could run code ({_unpickling_detail(e)}); convert it to safetensors from a "
+            "trusted environment"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, RecursionError) as e:
         raise GPT2LabError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
@@ -386,7 +406,8 @@ def _shards(directory: Path, single: str) -> list[Path]:
     return shards
 
 
-def _weight_stream(directory: Path, keep, transient) -> Iterator[tuple[str, torch.Tensor]]:
+def _weight_files(directory: Path) -> tuple[list[Path], Callable]:
+    """The weight files of a checkpoint (safetensors first) and the reader for them."""
     for single, reader in (
         ("model.safetensors", read_safetensors),
         ("pytorch_model.bin", read_bin),
@@ -395,10 +416,16 @@ def _weight_stream(directory: Path, keep, transient) -> Iterator[tuple[str, torc
             [directory / single] if (directory / single).is_file() else _shards(directory, single)
         )
         if files:
-            for path in files:
-                yield from reader(path, keep, transient)
-            return
+            return files, reader
     raise GPT2LabError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _mapped(path: Path, hf_name: str) -> tuple[str, bool] | None:
+    """hf_to_ours, with the file named when the name is not a GPT-2 tensor."""
+    try:
+        return hf_to_ours(hf_name)
+    except GPT2LabError as e:
+        raise GPT2LabError(f"{path}: {e}") from None
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -507,31 +534,33 @@ def _load(directory: Path, want_dtype: torch.dtype | None, device: torch.device,
         hint="use a smaller model or dtype, or free some memory",
     )
 
-    def keep(hf_name: str) -> bool:
-        return hf_to_ours(hf_name) is not None
-
     def transient(hf_name: str, stored: torch.dtype | None) -> bool:
         """Whether the file's tensor is only a source to copy from (see read_safetensors)."""
         transpose = hf_to_ours(hf_name)[1]  # type: ignore[index]
         return transpose or device.type != "cpu" or want_dtype not in (None, stored)
 
     state: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in _weight_stream(directory, keep, transient):
-        name, transpose = hf_to_ours(hf_name)  # type: ignore[misc]
-        _check_tensor(
-            directory, cfg, expected, hf_name, name, transpose, tensor.shape, tensor.dtype
-        )
-        if transient(hf_name, tensor.dtype):
-            want = tuple(expected[name].shape)
-            dest = torch.empty(want, dtype=want_dtype or tensor.dtype, device=device)
-            state[name] = dest.copy_(tensor.T if transpose else tensor)
-        else:
-            state[name] = tensor.contiguous()
-        del tensor
+    files, reader = _weight_files(directory)
+    for path in files:
+
+        def keep(hf_name: str, path: Path = path) -> bool:
+            return _mapped(path, hf_name) is not None
+
+        for hf_name, tensor in reader(path, keep, transient):
+            name, transpose = hf_to_ours(hf_name)  # type: ignore[misc]
+            _check_tensor(path, cfg, expected, hf_name, name, transpose, tensor.shape, tensor.dtype)
+            if transient(hf_name, tensor.dtype):
+                want = tuple(expected[name].shape)
+                dest = torch.empty(want, dtype=want_dtype or tensor.dtype, device=device)
+                state[name] = dest.copy_(tensor.T if transpose else tensor)
+            else:
+                state[name] = tensor.contiguous()
+            del tensor
     missing = [n for n in expected if n not in state]
     if missing:
         raise GPT2LabError(
-            f"checkpoint in {directory} is missing {len(missing)} tensors, e.g. {missing[0]}"
+            f"{_where(files, directory)} lacks {len(missing)} tensors that config.json "
+            f"implies, e.g. {ours_to_hf(missing[0])[0]}"
         )
     model.load_state_dict(state, assign=True)
     if process:
@@ -541,24 +570,22 @@ def _load(directory: Path, want_dtype: torch.dtype | None, device: torch.device,
     return model.eval()
 
 
-def _check_tensor(directory, cfg, expected, hf_name, name, transpose, shape, dtype) -> None:
+def _check_tensor(path, cfg, expected, hf_name, name, transpose, shape, dtype) -> None:
     """A stored tensor must be one the config implies, with its shape, in a float dtype."""
     if name not in expected:
         raise GPT2LabError(
-            f"checkpoint in {directory} has tensor {hf_name!r} but the config has "
-            f"{cfg.n_layers} layers"
+            f"{path} has tensor {hf_name!r} but config.json has {cfg.n_layers} layers"
         )
     want = tuple(expected[name].shape)
     got = tuple(shape)[::-1] if transpose else tuple(shape)
     if got != want:
         raise GPT2LabError(
-            f"checkpoint in {directory}: tensor {hf_name} has shape {tuple(shape)}, expected "
+            f"{path}: tensor {hf_name} has shape {tuple(shape)}, expected "
             f"{want[::-1] if transpose else want} (from config.json)"
         )
     if not dtype.is_floating_point:
         raise GPT2LabError(
-            f"checkpoint in {directory}: tensor {hf_name} holds {dtype} values; GPT-2 weights "
-            "are floating point"
+            f"{path}: tensor {hf_name} holds {dtype} values; GPT-2 weights are floating point"
         )
 
 
@@ -573,7 +600,7 @@ def _check_headers(directory: Path, cfg: GPT2Config, expected: dict) -> torch.dt
         with open(path, "rb") as f:
             header, _ = _read_safetensors_header(path, f)
         for hf_name, info in header.items():
-            mapped = hf_to_ours(hf_name)
+            mapped = _mapped(path, hf_name)
             if mapped is None:
                 continue
             name, transpose = mapped
@@ -587,10 +614,15 @@ def _check_headers(directory: Path, cfg: GPT2Config, expected: dict) -> torch.dt
     missing = [n for n in expected if n not in seen]
     if files and missing:
         raise GPT2LabError(
-            f"checkpoint in {directory} is missing {len(missing)} tensors that config.json "
+            f"{_where(files, directory)} lacks {len(missing)} tensors that config.json "
             f"implies, e.g. {ours_to_hf(missing[0])[0]}"
         )
     return widest
+
+
+def _where(files: list[Path], directory: Path) -> str:
+    """The weights file for messages: the file itself, or the shards' folder."""
+    return str(files[0]) if len(files) == 1 else f"the shards in {directory}"
 
 
 def _safetensors_files(directory: Path) -> list[Path]:

@@ -211,7 +211,7 @@ class GPT2Config:
         try:
             return cls.from_hf(data)
         except GPT2LabError as e:
-            raise GPT2LabError(f"{path}: {e}") from None
+            raise GPT2LabError(f"config: {path}: {str(e).removeprefix('config: ')}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
