@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -193,17 +194,25 @@ def prepare(
     shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="tokens per shard file"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
 ) -> None:
-    """Tokenize a corpus into uint16 train/val token shards plus a manifest."""
+    """Tokenize a corpus into uint16 train/val token shards plus a manifest.
+
+    Binary and non-UTF-8 files, hidden files and folders holding a gpt2lab dataset (the
+    output included) are skipped and counted. The dataset appears at --out only when
+    complete; an old one there is replaced then, and kept if the run fails."""
     from .training.data import prepare as run_prepare
+    from .training.data import skipped_summary
 
     manifest = run_prepare(
-        inputs, out, field=field, val_fraction=val_fraction, shard_tokens=shard_tokens, seed=seed
-    )
+        inputs, out, field=field, val_fraction=val_fraction, shard_tokens=shard_tokens,
+        seed=seed, progress=sys.stderr.isatty(),
+    )  # fmt: skip
     tokens, docs = manifest["tokens"], manifest["documents"]
     typer.echo(
         f"{out}: train {tokens['train']:,} tokens ({docs['train']} documents), "
         f"val {tokens['val']:,} tokens ({docs['val']} documents)"
     )
+    if summary := skipped_summary(manifest):
+        typer.echo(summary)
 
 
 @app.command()
@@ -391,15 +400,91 @@ def evaluate(ctx: typer.Context) -> None:
     lm_eval_main(list(ctx.args))
 
 
-def main(argv: list[str] | None = None) -> None:
+# ---- one line per failure ---------------------------------------------------------------
+DEBUG_ENV = "GPT2LAB_DEBUG"  # =1: let exceptions through, with their traceback
+
+
+def one_line(text: str) -> str:
+    """A message folded onto one line: a user reading stderr (or a script parsing it)
+    gets exactly one line per failure, whatever the message's author wrote."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _message(e: BaseException) -> str:
+    """str(e), or something sensible when that is empty (or itself fails)."""
     try:
-        app(args=argv, standalone_mode=True)
-    except GPT2LabError as e:
-        typer.echo(f"gpt2lab: error: {e}", err=True)
-        sys.exit(1)
+        text = one_line(str(e))
+    except Exception:  # a broken __str__ must not break the error report
+        text = ""
+    if text:
+        return text
+    cause = e.__cause__ or e.__context__
+    if cause is not None and cause is not e:
+        return f"{type(e).__name__} caused by {type(cause).__name__}: {_message(cause)}"
+    return f"{type(e).__name__} (no details given; {DEBUG_ENV}=1 shows where it came from)"
+
+
+def describe_os_error(e: OSError) -> str:
+    """`PATH: reason` (like coreutils), e.g. `out/x.png: Permission denied`."""
+    reason = e.strerror or _message(e)
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else one_line(reason)
+
+
+def _usage_error(e: typer.TyperException) -> str:
+    """typer's usage errors (a missing argument, a value of the wrong type) in one line
+    that points at the command's help, instead of a usage box."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "gpt2lab"
+    return f"{one_line(e.format_message()) or _message(e)} (see '{command} --help')"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(message, err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the CLI; every failure ends as one line on stderr and a non-zero exit code:
+    2 for usage errors, 1 for errors the user caused (our GPT2LabError, OS errors such
+    as a missing or unwritable path, a file that is not text) and, as a last resort,
+    1 with "internal error" for anything else (a bug; GPT2LAB_DEBUG=1 re-raises)."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        result = app(args=argv, prog_name="gpt2lab", standalone_mode=False)
+    except typer.TyperException as e:  # usage errors and the like: typer's own
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `gpt2lab`: the help text
+            e.show()
+            sys.exit(e.exit_code)
+        _fail(f"gpt2lab: error: {_usage_error(e)}", e.exit_code)
+    except typer.Abort:
+        _fail("gpt2lab: aborted", 1)
     except KeyboardInterrupt:
-        typer.echo("gpt2lab: interrupted", err=True)
-        sys.exit(130)
+        _fail("gpt2lab: interrupted", 130)
+    except BrokenPipeError:  # `gpt2lab ... | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (so the exit flush stays quiet)
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        _fail(_error_line(e))
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _error_line(e: Exception) -> str:
+    """The one stderr line for an exception raised by a command."""
+    if isinstance(e, GPT2LabError):
+        return f"gpt2lab: error: {_message(e)}"
+    if isinstance(e, OSError):
+        return f"gpt2lab: error: {describe_os_error(e)}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"gpt2lab: error: a file is not UTF-8 text ({_message(e)})"
+    if isinstance(e, MemoryError):
+        return "gpt2lab: error: out of memory (try a smaller input, batch or model)"
+    return (
+        f"gpt2lab: internal error: {type(e).__name__}: {_message(e)} "
+        f"(a bug: please report it; {DEBUG_ENV}=1 shows the traceback)"
+    )
 
 
 if __name__ == "__main__":

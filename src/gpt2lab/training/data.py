@@ -7,6 +7,24 @@ manifest. Memory stays flat however big the corpus: large text files are cut int
 pieces at places where GPT-2's pre-tokenizer would cut anyway, so the ids are exactly
 those of the whole file.
 
+What goes in, and what is left out (and counted in the manifest's `skipped`):
+
+- Text files must be UTF-8. A file with a NUL byte in its first 8 KiB (as git and grep
+  decide "binary") or with any byte sequence that is not UTF-8 is skipped whole: images,
+  archives or Latin-1 text in a corpus folder never become U+FFFD soup.
+- A JSONL file is structured data the user asked for: a line that is not UTF-8 (like a
+  line that is not JSON) is an error naming file:line, not a silent skip. A JSONL file
+  that is binary from its first block on is skipped like any binary file.
+- Inside input folders, hidden files and folders (".git", our own temporary folders) are
+  skipped, and so is every folder holding a gpt2lab dataset (a `manifest.json` of ours),
+  the output folder included: `prepare corpus --out corpus/shards` run twice gives the
+  same dataset, never one that ingested its own shards.
+
+Writing is atomic: the dataset is built in a hidden sibling folder and renamed into
+place only when complete (manifest last). An existing dataset at `--out` is replaced
+only then; a run that fails or is killed half-way leaves it untouched, and leaves no
+folder that looks like a dataset (the next run removes the stale temporary folder).
+
 `TokenShards` draws training batches whose content depends only on (seed, index):
 resuming a run at step s, or splitting the work over N processes, sees exactly the
 batches an uninterrupted single-process run would have seen.
@@ -14,9 +32,16 @@ batches an uninterrupted single-process run would have seen.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import math
+import os
+import re
+import secrets
+import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +52,52 @@ from ..tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 PIECE_CHARS = 1 << 20  # large files are tokenized in pieces of about this many characters
+SNIFF_BYTES = 8192  # a NUL byte in this first block marks a binary file (git's rule)
 TOKENIZER_ID = "gpt2"  # the only vocabulary gpt2lab shards use
+SHARD_FILE = re.compile(r"(train|val)_\d{4,}\.bin")
+EXAMPLES = 5  # skipped paths named per kind in the manifest
+
+
+# ---- what was left out ------------------------------------------------------------------
+@dataclass
+class Skipped:
+    """Inputs left out of a dataset, by kind, with a few example paths each."""
+
+    binary: list[str] = field(default_factory=list)  # binary or not UTF-8
+    datasets: list[str] = field(default_factory=list)  # folders holding a gpt2lab dataset
+    hidden: list[str] = field(default_factory=list)  # hidden files and folders in a folder walk
+
+    def to_manifest(self) -> dict:
+        return {
+            kind: {"count": len(paths), "examples": paths[:EXAMPLES]}
+            for kind, paths in (
+                ("binary_files", self.binary),
+                ("dataset_folders", self.datasets),
+                ("hidden", self.hidden),
+            )
+        }
+
+
+SKIPPED_LABELS = {  # manifest key: (one, several)
+    "binary_files": ("binary or non-UTF-8 file", "binary or non-UTF-8 files"),
+    "dataset_folders": ("folder holding a gpt2lab dataset", "folders holding a gpt2lab dataset"),
+    "hidden": ("hidden file or folder", "hidden files or folders"),
+}
+
+
+def skipped_summary(manifest: dict) -> str:
+    """One line saying what `prepare` left out ("" when nothing was), for the CLI."""
+    parts = []
+    for kind, (one, several) in SKIPPED_LABELS.items():
+        entry = (manifest.get("skipped") or {}).get(kind) or {}
+        count = entry.get("count", 0)
+        if not count:
+            continue
+        examples = list(entry.get("examples", []))[:3]
+        more = ", ..." if count > len(examples) else ""
+        named = f" ({', '.join(examples)}{more})" if examples else ""
+        parts.append(f"{count} {one if count == 1 else several}{named}")
+    return "skipped " + "; ".join(parts) if parts else ""
 
 
 # ---- reading documents ---------------------------------------------------------------
@@ -42,43 +112,163 @@ def _safe_cut(text: str) -> int:
     return -1
 
 
+def _decoded_blocks(path: Path, size: int) -> Iterator[str]:
+    """The file as text, strictly UTF-8, in blocks of about `size` characters (a
+    multi-byte character cut by a block boundary is carried over, never broken)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    with open(path, "rb") as f:
+        while block := f.read(size):
+            if text := decoder.decode(block):
+                yield text
+        if tail := decoder.decode(b"", final=True):
+            yield tail
+
+
 def _text_pieces(path: Path) -> Iterator[str]:
     """A text file as pieces of about PIECE_CHARS characters whose tokens concatenate exactly."""
     carry = ""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        while block := f.read(PIECE_CHARS):
-            carry += block
-            cut = _safe_cut(carry)
-            if cut > 0:
-                yield carry[:cut]
-                carry = carry[cut:]
+    for block in _decoded_blocks(path, PIECE_CHARS):
+        carry += block
+        cut = _safe_cut(carry)
+        if cut > 0:
+            yield carry[:cut]
+            carry = carry[cut:]
     if carry:
         yield carry
 
 
-def iter_documents(inputs: Iterable[str | Path], field: str = "text") -> Iterator[Iterator[str]]:
-    """Each document as an iterator of text pieces (a text file is one document; a JSONL
-    file holds one document per line, in `field`)."""
+def not_text_reason(path: Path) -> str | None:
+    """Why a file cannot be a text document (binary, not UTF-8), or None if it can.
+    Reads the whole file once: a prepared dataset must never hold U+FFFD soup."""
+    with open(path, "rb") as f:
+        if b"\0" in f.read(SNIFF_BYTES):
+            return "binary (NUL bytes)"
+    offset = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    with open(path, "rb") as f:
+        while block := f.read(PIECE_CHARS):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return f"not UTF-8 (byte {offset + max(e.start, 0)})"
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "not UTF-8 (cut off inside a character)"
+    return None
+
+
+def is_dataset(directory: Path) -> bool:
+    """Whether a folder holds a gpt2lab dataset (a manifest.json that `prepare` wrote)."""
+    path = directory / MANIFEST
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 24:
+            return False
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("tokenizer") == TOKENIZER_ID
+        and isinstance(manifest.get("splits"), dict)
+    )
+
+
+def input_files(
+    inputs: Iterable[str | Path],
+    skipped: Skipped,
+    exclude: Iterable[Path] = (),
+    ignore: Iterable[Path] = (),
+) -> Iterator[Path]:
+    """The files to read, in a stable order: each input file, and every file under each
+    input folder sorted by path, minus what is skipped (recorded in `skipped`): hidden
+    entries and dataset folders inside a walk, and the folders in `exclude` (counted as
+    datasets: the output) and in `ignore` (not counted: the folder being written)."""
+    exclude = {Path(p).resolve() for p in exclude}
+    ignore = {Path(p).resolve() for p in ignore}
     for item in inputs:
         path = Path(item)
         if not path.exists():
             raise GPT2LabError(f"input {path} does not exist")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            if file.suffix in (".jsonl", ".ndjson"):
-                yield from _jsonl_documents(file, field)
+        if not path.is_dir():
+            yield path
+        elif path.resolve() in exclude or is_dataset(path):
+            skipped.datasets.append(str(path))
+        else:
+            yield from sorted(_walk(path, skipped, exclude, ignore))
+
+
+def _walk(top: Path, skipped: Skipped, exclude: set[Path], ignore: set[Path]) -> Iterator[Path]:
+    def fail(error: OSError) -> None:
+        raise error  # an unreadable folder is an error, not a silent gap in the corpus
+
+    for root, dirs, files in os.walk(top, onerror=fail):
+        here = Path(root)
+        keep = []
+        for name in sorted(dirs):
+            sub = here / name
+            if sub.resolve() in ignore:
+                continue
+            if name.startswith("."):
+                skipped.hidden.append(str(sub))
+            elif sub.resolve() in exclude or is_dataset(sub):
+                skipped.datasets.append(str(sub))
             else:
-                yield _text_pieces(file)
+                keep.append(name)
+        dirs[:] = keep  # os.walk descends only into these
+        for name in files:
+            if name.startswith("."):
+                skipped.hidden.append(str(here / name))
+            elif (here / name).is_file():  # not a socket, FIFO or broken link
+                yield here / name
+
+
+def iter_documents(
+    inputs: Iterable[str | Path],
+    field: str = "text",
+    skipped: Skipped | None = None,
+    exclude: Iterable[Path] = (),
+    ignore: Iterable[Path] = (),
+) -> Iterator[Iterator[str]]:
+    """Each document as an iterator of text pieces (a text file is one document; a JSONL
+    file holds one document per line, in `field`). Binary and non-UTF-8 files are left
+    out and recorded in `skipped`; see the module notes for the rules."""
+    skipped = Skipped() if skipped is None else skipped
+    for file in input_files(inputs, skipped, exclude, ignore):
+        if file.suffix in (".jsonl", ".ndjson"):
+            if _is_binary(file):
+                skipped.binary.append(str(file))
+            else:
+                yield from _jsonl_documents(file, field)
+        elif not_text_reason(file) is not None:
+            skipped.binary.append(str(file))
+        else:
+            yield _text_pieces(file)
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(SNIFF_BYTES)
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[Iterator[str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GPT2LabError(
+                    f"{path}:{lineno} is not UTF-8 text (byte {e.start + 1} of the line); "
+                    "fix or remove that line"
+                ) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not part of the JSON
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise GPT2LabError(f"{path}:{lineno} is not valid JSON") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise GPT2LabError(
@@ -120,8 +310,122 @@ class _ShardWriter:
 
     def close(self) -> None:
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # on disk before the dataset is renamed into place
             self._file.close()
             self._file = None
+
+
+# ---- the output folder -------------------------------------------------------------------
+def _check_arguments(inputs, field, val_fraction, shard_tokens, seed) -> None:
+    """Every argument checked before anything is read or written."""
+    if not inputs:
+        raise GPT2LabError("prepare needs at least one input file or folder")
+    if not isinstance(field, str) or not field:
+        raise GPT2LabError(f"field must be a non-empty string, got {field!r}")
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not math.isfinite(val_fraction)
+        or not 0 <= val_fraction < 1
+    ):
+        raise GPT2LabError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise GPT2LabError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise GPT2LabError(f"seed must be an integer, got {seed!r}")
+
+
+def _check_output(out: Path, given: str) -> None:
+    """Refuse an --out we must not replace: a file, or a folder holding anything but an
+    (old) gpt2lab dataset. Replacing a dataset removes its folder's files, so that folder
+    must hold nothing else."""
+    if out == out.parent:
+        raise GPT2LabError(f"--out {given} must name a folder to create, not the root")
+    if out.exists() and not out.is_dir():
+        raise GPT2LabError(f"--out {given} is a file; give a folder for the dataset")
+    if not out.is_dir():
+        return
+    names = [p.name for p in out.iterdir()]
+    if not names:
+        return
+    if not is_dataset(out):
+        raise GPT2LabError(
+            f"--out {given} already holds files and no gpt2lab dataset; give a new or empty folder"
+        )
+    others = sorted(n for n in names if n != MANIFEST and not SHARD_FILE.fullmatch(n))
+    if others:
+        raise GPT2LabError(
+            f"--out {given} holds a dataset and other files ({', '.join(others[:3])}), which "
+            "replacing the dataset would delete; move them or give another folder"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary folders that killed runs into `out` left behind (full disks stay
+    full otherwise); a folder of a process still running is left alone."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(?:tmp|old)-(\d+)-[0-9a-f]+")
+    for entry in out.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _scratch(out: Path, kind: str) -> Path:
+    """A hidden sibling of `out` (same file system, so a rename moves it into place)."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _make_workdir(out: Path, given: str) -> Path:
+    """Create the hidden folder the dataset is built in, next to `out`; every way this
+    can fail (a file where a folder should be, no permission, a read-only or pseudo file
+    system) is one GPT2LabError naming --out."""
+    for ancestor in out.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise GPT2LabError(f"--out {given}: {ancestor} is a file, not a folder")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPT2LabError(
+            f"--out {given}: cannot create the folder {out.parent}: {e.strerror or e}"
+        ) from e
+    try:
+        _remove_stale(out)
+        work = _scratch(out, "tmp")
+        work.mkdir()
+    except OSError as e:
+        raise GPT2LabError(
+            f"--out {given}: cannot create a folder in {out.parent}: {e.strerror or e}"
+        ) from e
+    return work
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move the finished dataset into place; an old one (or an empty folder) at `out` is
+    moved aside first and removed only once the new one is there."""
+    if not out.exists():
+        os.rename(work, out)
+        return
+    old = _scratch(out, "old")
+    os.rename(out, old)
+    try:
+        os.rename(work, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(
@@ -134,18 +438,48 @@ def prepare(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Tokenize documents into `out/{train,val}_NNNN.bin` (uint16) + `out/manifest.json`."""
+    """Tokenize documents into `out/{train,val}_NNNN.bin` (uint16) + `out/manifest.json`.
+
+    The dataset is written atomically (see the module notes): `out` is either the old
+    dataset or the complete new one, never half of either. Returns the manifest, whose
+    `skipped` says which inputs were left out (binary, dataset folders, hidden)."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    _check_arguments(inputs, field, val_fraction, shard_tokens, seed)
+    given = str(out)
+    out = Path(out).absolute()
+    _check_output(out, given)
+    work = _make_workdir(out, given)
+    published = False
+    try:
+        manifest = _tokenize_into(
+            work, inputs, out, field, val_fraction, shard_tokens, seed, progress
+        )
+        try:
+            _publish(work, out)
+        except OSError as e:
+            raise GPT2LabError(
+                f"cannot move the new dataset into {given}: {e.strerror or e}"
+            ) from e
+        published = True
+    finally:
+        if not published:
+            shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _tokenize_into(
+    work: Path, inputs, out: Path, field: str, val_fraction: float, shard_tokens: int,
+    seed: int, progress: bool,
+) -> dict:  # fmt: skip
+    """Tokenize every document into shards in `work`; write the manifest last."""
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    if not inputs:
-        raise GPT2LabError("prepare needs at least one input file or folder")
-    if not 0 <= val_fraction < 1:
-        raise GPT2LabError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer()
-    writers = {split: _ShardWriter(out, split, shard_tokens) for split in ("train", "val")}
+    writers = {split: _ShardWriter(work, split, shard_tokens) for split in ("train", "val")}
     docs = {"train": 0, "val": 0}
+    skipped = Skipped()
     pending: list[tuple[str, str, bool]] = []  # (split, text piece, ends a document)
 
     def flush() -> None:
@@ -156,15 +490,17 @@ def prepare(
             writers[split].write(ids + [tok.eot_token] if ends else ids)
         pending.clear()
 
+    documents = iter_documents(inputs, field, skipped, exclude=[out], ignore=[work])
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         disable=not progress,
         transient=True,
-    ) as bar:
+    ) as bar, _writing(work, out):  # fmt: skip
         task = bar.add_task("tokenizing")
-        for index, pieces in enumerate(iter_documents(inputs, field)):
+        for index, pieces in enumerate(documents):
             split = "val" if _goes_to_val(index, val_fraction, seed) else "train"
             previous = ""
             for n, piece in enumerate(pieces):
@@ -178,21 +514,54 @@ def prepare(
             tokens = sum(s["tokens"] for w in writers.values() for s in w.shards)
             bar.update(task, description=f"tokenizing: {index + 1:,} documents, {tokens:,} tokens")
         flush()
-    for w in writers.values():
-        w.close()
-    if docs["train"] == 0 or sum(s["tokens"] for s in writers["train"].shards) <= docs["train"]:
-        raise GPT2LabError("prepare found no text for the train split (are the inputs empty?)")
-    manifest = {
-        "tokenizer": TOKENIZER_ID,
-        "vocab_size": tok.vocab_size,
-        "dtype": "uint16",
-        "eot_token": tok.eot_token,
-        "documents": docs,
-        "splits": {split: w.shards for split, w in writers.items()},
-        "tokens": {split: sum(s["tokens"] for s in w.shards) for split, w in writers.items()},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for w in writers.values():
+            w.close()
+        if docs["train"] == 0 or sum(s["tokens"] for s in writers["train"].shards) <= docs["train"]:
+            left_out = skipped_summary({"skipped": skipped.to_manifest()})
+            raise GPT2LabError(
+                "prepare found no text for the train split "
+                + (f"({left_out})" if left_out else "(are the inputs empty?)")
+            )
+        manifest = {
+            "tokenizer": TOKENIZER_ID,
+            "vocab_size": tok.vocab_size,
+            "dtype": "uint16",
+            "eot_token": tok.eot_token,
+            "documents": docs,
+            "splits": {split: w.shards for split, w in writers.items()},
+            "tokens": {split: sum(s["tokens"] for s in w.shards) for split, w in writers.items()},
+            "skipped": skipped.to_manifest(),
+        }
+        with open(work / MANIFEST, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     return manifest
+
+
+class _writing:
+    """Turns an OS error while writing into `work` (a full or read-only disk) into one
+    GPT2LabError that names the dataset and says the old one is untouched."""
+
+    def __init__(self, work: Path, out: Path):
+        self.work, self.out = work, out
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if not isinstance(error, OSError) or not self._ours(error):
+            return False
+        note = "; the previous dataset there is unchanged" if self.out.exists() else ""
+        raise GPT2LabError(
+            f"cannot write the dataset {self.out}: {error.strerror or error}{note}"
+        ) from error
+
+    def _ours(self, error: OSError) -> bool:
+        """A write error has no file name (a full disk) or one inside `work`."""
+        if error.filename is None:
+            return True
+        return Path(error.filename).absolute().is_relative_to(self.work)
 
 
 # ---- reading shards ------------------------------------------------------------------
