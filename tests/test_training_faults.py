@@ -620,3 +620,19 @@ def test_log_has_no_duplicate_records_after_resume(interrupted, reference, corpu
 def test_resume_without_a_checkpoint(tmp_path, corpus):
     with pytest.raises(gl.GPT2LabError, match="no checkpoint"):
         trainer.train(config(tmp_path / "nothing", corpus), resume=True)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not an integer"),
+     ({"WORLD_SIZE": "2", "RANK": "one"}, "RANK='one' is not an integer"),
+     ({"WORLD_SIZE": "2"}, "RANK=None is not an integer")],
+)  # fmt: skip
+def test_malformed_torchrun_environment(
+    env, message, tmp_path, corpus, empty_toml, capsys, monkeypatch
+):
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = cli(capsys, empty_toml, sets=settings(tmp_path / "run", corpus))
+    assert_one_line_error(code, err, message)

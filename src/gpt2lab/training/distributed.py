@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import parse_device
+from ..errors import GPT2LabError
 
 
 @dataclass
@@ -31,13 +32,27 @@ class DistContext:
         return self.world > 1
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    """A torchrun variable as an int; a missing or malformed one is a clear error."""
+    raw = os.environ.get(name, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise GPT2LabError(
+            f"environment variable {name}={raw!r} is not an integer (launch with torchrun)"
+        ) from None
+    if value < 0:
+        raise GPT2LabError(f"environment variable {name}={raw!r} must not be negative")
+    return value
+
+
 def setup(device: str) -> DistContext:
     """Join the process group when launched by torchrun; a no-op for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1")
     dev = parse_device(device)
-    if world == 1:
+    if world <= 1:
         return DistContext(device=dev)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
