@@ -636,3 +636,8 @@ def test_malformed_torchrun_environment(
         monkeypatch.setenv(name, value)
     code, _, err = cli(capsys, empty_toml, sets=settings(tmp_path / "run", corpus))
     assert_one_line_error(code, err, message)
+
+
+def test_a_batch_bigger_than_memory_is_refused_before_allocating(tmp_path, corpus):
+    with pytest.raises(gl.GPT2LabError, match="train.batch_size 1000000000 x seq_len 16 needs"):
+        trainer.train(config(tmp_path / "run", corpus, "train.batch_size=1000000000"))

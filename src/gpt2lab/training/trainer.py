@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -121,6 +122,7 @@ class Trainer:
             raise GPT2LabError(
                 f"train.seq_len {t.seq_len} exceeds the model's context {self.model.cfg.n_ctx}"
             )
+        _check_fits_in_memory(self.model, cfg, self.ctx.device)
         self.trainable = recipes.select_parameters(self.model, cfg)
         self.identity = rundir.run_identity(cfg.to_dict(), self.ctx.world)
 
@@ -479,6 +481,38 @@ class Trainer:
             save_model(self.model, final)
             (self.out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
         return final
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """The device's total memory (physical RAM for the CPU), or None when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def _check_fits_in_memory(model: GPT2, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a batch that cannot fit before allocating it (the kernel's OOM killer gives
+    no message). A lower bound only: fp32 weights, gradients and two AdamW moments
+    (16 bytes a parameter) plus one micro-batch's float32 logits."""
+    total = _memory_bytes(device)
+    if total is None:
+        return
+    t = cfg.train
+    params = sum(p.numel() for p in model.parameters())
+    logits = t.batch_size * t.seq_len * model.cfg.d_vocab * 4
+    need = 16 * params + logits
+    if need > total:
+        raise GPT2LabError(
+            f"train.batch_size {t.batch_size} x seq_len {t.seq_len} needs at least "
+            f"{need / 2**30:.1f} GiB ({logits / 2**30:.1f} GiB of logits per micro-batch), "
+            f"more than the {total / 2**30:.1f} GiB of {device}; lower train.batch_size and "
+            "raise train.grad_accum"
+        )
 
 
 def _peak_flops(device: torch.device, dtype: str) -> float:
