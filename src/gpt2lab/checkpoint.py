@@ -459,13 +459,25 @@ def stored_dtypes(directory: Path) -> set[str]:
     return dtypes
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def parse_device(device) -> torch.device:
+    """A device to load onto: cpu (default), cuda, cuda:N or mps, and only if present."""
+    given = device
+    ok = device is None or isinstance(device, (str, torch.device)) or is_int(device)
     try:
-        device = torch.device(device if device is not None else "cpu")
-    except (RuntimeError, TypeError):
-        raise GPT2LabError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+        device = torch.device(device if device is not None else "cpu") if ok else None
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise GPT2LabError(f"unknown device {show(given)} (use cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GPT2LabError("device cuda was requested but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GPT2LabError(
+            f"device {device} was requested but there are {torch.cuda.device_count()} CUDA GPUs"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise GPT2LabError("device mps was requested but MPS is not available")
     return device

@@ -56,6 +56,7 @@ from tqdm import tqdm
 from .errors import GPT2LabError
 from .model import left_pad
 from .scoring import encode_pair, token_logprobs
+from .validate import is_int, show
 
 DEFAULT_BATCH = 16
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class GPT2LabLM(LM):
 
         if isinstance(pretrained, GPT2):
             self.model = pretrained
+        elif dtype == "int8":  # int8 weights, bf16 compute (what --dtype int8 means elsewhere)
+            self.model = load(pretrained, device=device, quantize="int8")
         else:
             self.model = load(pretrained, dtype=dtype, device=device)
         self.model.eval()
@@ -240,15 +243,15 @@ class GPT2LabLM(LM):
 
 
 def _positive_int(name: str, value: Any, default: int) -> int:
-    if value is None or value == "auto" or (isinstance(value, str) and value.startswith("auto")):
+    """An integer >= 1 given as an int or a string of digits (model_args arrive as text);
+    None or "auto..." means `default`. A bool or a float such as 2.5 is an error."""
+    if value is None or (isinstance(value, str) and value.startswith("auto")):
         return default
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise GPT2LabError(f"{name} must be a positive integer, got {value!r}") from None
-    if n < 1:
-        raise GPT2LabError(f"{name} must be a positive integer, got {value!r}")
-    return n
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not is_int(value) or value < 1:
+        raise GPT2LabError(f"{name} must be a positive integer, got {show(value)}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,6 @@ Conventions, each the one the usual reference uses:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -43,7 +42,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .errors import GPT2LabError
-from .model import left_pad
+from .model import TOKEN_DTYPES, left_pad
+from .validate import boolean, is_int, show
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -121,24 +121,38 @@ def sliding_logprobs(model: GPT2, ids: Sequence[int], max_length: int, stride: i
 
 
 def _ids(model: GPT2, text_or_ids, bos: bool) -> tuple[list[int], int]:
-    """Token ids (with the BOS prepended if asked) and how many BOS tokens were added."""
+    """Token ids (with the BOS prepended if asked) and how many BOS tokens were added.
+
+    Text is a str; ids are a list, tuple, range, 1-D integer array or an integer tensor
+    (1-D or [1, pos]). Bytes are refused rather than read as ids (b"hi" would be [104,
+    105]), as are bools and floats among the ids."""
+    bos = boolean("bos", bos)
     if isinstance(text_or_ids, str):
         ids = model.tokenizer.encode(text_or_ids)
+    elif isinstance(text_or_ids, (bytes, bytearray, memoryview)):
+        raise GPT2LabError("give text as a str (decode the bytes first), not bytes")
     elif isinstance(text_or_ids, torch.Tensor):
         if text_or_ids.dim() == 2 and text_or_ids.shape[0] == 1:
             text_or_ids = text_or_ids[0]
-        if text_or_ids.dim() != 1:
-            raise GPT2LabError("token ids must be one sequence (1-D tensor or [1, pos])")
+        if text_or_ids.dim() != 1 or text_or_ids.dtype not in TOKEN_DTYPES:
+            raise GPT2LabError(
+                "token ids must be one sequence of integers (1-D tensor or [1, pos]), got "
+                f"{show(text_or_ids)}"
+            )
         ids = text_or_ids.tolist()
+    elif isinstance(text_or_ids, (list, tuple, range)) or type(text_or_ids).__name__ == "ndarray":
+        ids = list(text_or_ids)
+        if not all(is_int(i) for i in ids):
+            raise GPT2LabError("token ids must be integers (not bools, floats or nested lists)")
     else:
-        try:
-            ids = [operator.index(i) for i in text_or_ids]
-        except TypeError:
-            raise GPT2LabError("give text (a string) or a sequence of integer token ids") from None
+        raise GPT2LabError(
+            f"give text (a str) or a sequence of integer token ids, got {type(text_or_ids).__name__}"
+        )
     if not ids:
         raise GPT2LabError("the text is empty: give at least one token")
     if not all(0 <= i < model.cfg.d_vocab for i in ids):
         raise GPT2LabError(f"token ids must be in [0, {model.cfg.d_vocab})")
+    ids = [int(i) for i in ids]
     if bos:
         return [model.tokenizer.eot_token, *ids], 1
     return ids, 0
@@ -146,16 +160,16 @@ def _ids(model: GPT2, text_or_ids, bos: bool) -> tuple[list[int], int]:
 
 def _check_window(model: GPT2, max_length: int | None, stride: int | None, default_stride):
     max_length = model.cfg.n_ctx if max_length is None else max_length
-    if not isinstance(max_length, int) or not 2 <= max_length <= model.cfg.n_ctx:
+    if not is_int(max_length) or not 2 <= max_length <= model.cfg.n_ctx:
         raise GPT2LabError(
-            f"max_length must be an integer in 2..{model.cfg.n_ctx}, got {max_length}"
+            f"max_length must be an integer in 2..{model.cfg.n_ctx}, got {show(max_length)}"
         )
     stride = default_stride(max_length) if stride is None else stride
-    if not isinstance(stride, int) or not 0 < stride <= max_length:
+    if not is_int(stride) or not 0 < stride <= max_length:
         raise GPT2LabError(
-            f"stride must be an integer in 1..max_length ({max_length}), got {stride}"
+            f"stride must be an integer in 1..max_length ({max_length}), got {show(stride)}"
         )
-    return max_length, stride
+    return int(max_length), int(stride)
 
 
 # ---- perplexity -----------------------------------------------------------------------
@@ -179,6 +193,7 @@ def perplexity(
     mean loss by its targets minus one: exact for disjoint windows, one token short
     for overlapping ones; the difference is negligible on long texts.)
     """
+    return_details = boolean("return_details", return_details)
     ids, _ = _ids(model, text_or_ids, bos)
     max_length, stride = _check_window(model, max_length, stride, lambda m: m)
     lp = sliding_logprobs(model, ids, max_length, stride).double()
@@ -260,7 +275,7 @@ def score(model: GPT2, text_or_ids, *, bos: bool = True, stride: int | None = No
     """
     ids, n_bos = _ids(model, text_or_ids, bos)
     n_ctx = model.cfg.n_ctx
-    if stride is not None and stride == n_ctx:
+    if is_int(stride) and stride == n_ctx:
         raise GPT2LabError(f"stride must be below n_ctx ({n_ctx}) so that every token is scored")
     max_length, stride = _check_window(model, None, stride, lambda m: max(1, m // 2))
     lp = sliding_logprobs(model, ids, max_length, stride)[n_bos:]
@@ -301,8 +316,13 @@ def choose(model: GPT2, context: str, options: Sequence[str], *, bos: bool = Tru
     """
     if not isinstance(context, str):
         raise GPT2LabError(f"context must be a string, got {type(context).__name__}")
-    if isinstance(options, str) or not options or not all(isinstance(o, str) for o in options):
+    if (
+        not isinstance(options, (list, tuple))
+        or not options
+        or not all(isinstance(o, str) for o in options)
+    ):
         raise GPT2LabError("options must be a non-empty list of strings")
+    bos = boolean("bos", bos)
     prefixes, continuations = [], []
     for i, option in enumerate(options):
         context_ids, option_ids = encode_pair(model, context, option)

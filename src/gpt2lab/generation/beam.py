@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import GPT2LabError
+from ..validate import integer, number, show, token_ids
+from .generate import check_decoding_memory, check_finite
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -69,26 +71,26 @@ def beam_search(
     """
     tokens = model._check_tokens(tokens)
     B, T = tokens.shape
-    _check_int("num_beams", num_beams, 1)
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("num_beam_groups", num_beam_groups, 1)
-    _check_int("num_return_sequences", num_return_sequences, 1)
+    integer("num_beams", num_beams, 1)
+    integer("max_new_tokens", max_new_tokens, 1)
+    integer("num_beam_groups", num_beam_groups, 1)
+    integer("num_return_sequences", num_return_sequences, 1)
     if num_return_sequences > num_beams:
         raise GPT2LabError(
             f"num_return_sequences ({num_return_sequences}) cannot exceed num_beams "
             f"({num_beams}): beam search only keeps num_beams hypotheses"
         )
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise GPT2LabError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
-        raise GPT2LabError(f"length_penalty must be a number, got {length_penalty!r}")
+    if not (isinstance(early_stopping, bool) or _is_never(early_stopping)):
+        raise GPT2LabError(
+            f"early_stopping must be True, False or 'never', got {show(early_stopping)}"
+        )
+    length_penalty = number("length_penalty", length_penalty)
+    diversity_penalty = number("diversity_penalty", diversity_penalty)
     if num_beams % num_beam_groups:
         raise GPT2LabError(
             f"num_beams ({num_beams}) must be divisible by num_beam_groups ({num_beam_groups})"
         )
-    if num_beam_groups > 1 and not (
-        isinstance(diversity_penalty, (int, float)) and diversity_penalty > 0
-    ):
+    if num_beam_groups > 1 and not diversity_penalty > 0:
         raise GPT2LabError(
             "num_beam_groups > 1 needs diversity_penalty > 0, otherwise all groups are identical"
         )
@@ -97,10 +99,17 @@ def beam_search(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
             f"{model.cfg.n_ctx}"
         )
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if any(not isinstance(t, int) or not 0 <= t < model.cfg.d_vocab for t in eos):
-        raise GPT2LabError(f"eos_token_id must be token ids below {model.cfg.d_vocab}")
+    no_eos = eos_token_id is None or (isinstance(eos_token_id, (list, tuple)) and not eos_token_id)
+    eos = (
+        [] if no_eos else token_ids("eos_token_id", eos_token_id, model.cfg.d_vocab, allow_one=True)
+    )
+    if pad_token_id is not None:
+        integer("pad_token_id", pad_token_id, 0, model.cfg.d_vocab - 1)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    check_decoding_memory(
+        model, f"beam search with {num_beams} beams x {B} prompts x {T + max_new_tokens} "
+        "positions", B * num_beams, T + max_new_tokens,
+    )  # fmt: skip
 
     options = dict(
         num_beams=num_beams,
@@ -121,6 +130,7 @@ def beam_search(
     # Prefill each prompt once, then give every beam a copy of its prompt's cache rows.
     cache = model.new_cache(B, T + max_new_tokens)
     logits = model(tokens, attention_mask=attention_mask, cache=cache, logits_to_keep=1)[:, -1]
+    check_finite(logits)
     to_beams = torch.arange(B, device=tokens.device).repeat_interleave(num_beams)
     cache.reorder(to_beams)
     logits = logits[to_beams]
@@ -133,9 +143,8 @@ def beam_search(
     return search.results(num_return_sequences)
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise GPT2LabError(f"{name} must be an integer >= {low}, got {value!r}")
+def _is_never(early_stopping) -> bool:
+    return isinstance(early_stopping, str) and early_stopping == "never"
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

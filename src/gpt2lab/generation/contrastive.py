@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import GPT2LabError
+from ..validate import integer, is_int, number, show, token_ids
+from .generate import check_decoding_memory, check_finite
 
 if TYPE_CHECKING:
     from ..model import GPT2, KVCache
@@ -42,16 +44,11 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def check_contrastive(model: GPT2, penalty_alpha, top_k) -> None:
     """Raise GPT2LabError unless penalty_alpha is in [0, 1] and 2 <= top_k <= vocabulary."""
-    if (
-        not isinstance(penalty_alpha, (int, float))
-        or isinstance(penalty_alpha, bool)
-        or not 0 <= penalty_alpha <= 1
-    ):
-        raise GPT2LabError(f"penalty_alpha must be a number in [0, 1], got {penalty_alpha!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 2 <= top_k <= model.cfg.d_vocab:
+    number("penalty_alpha", penalty_alpha, 0, 1)
+    if not is_int(top_k) or not 2 <= top_k <= model.cfg.d_vocab:
         raise GPT2LabError(
             f"contrastive search (penalty_alpha > 0) needs top_k >= 2 candidates per step "
-            f"(at most the vocabulary, {model.cfg.d_vocab}), got top_k={top_k!r}"
+            f"(at most the vocabulary, {model.cfg.d_vocab}), got top_k={show(top_k)}"
         )
 
 
@@ -95,8 +92,7 @@ def contrastive_steps(
     check_contrastive(model, penalty_alpha, top_k)
     tokens = model._check_tokens(tokens)
     B, T = tokens.shape
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GPT2LabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    integer("max_new_tokens", max_new_tokens, 1)
     if T + max_new_tokens > model.cfg.n_ctx:
         raise GPT2LabError(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
@@ -107,11 +103,17 @@ def contrastive_steps(
     eot = model.tokenizer.eot_token
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
 
+    check_decoding_memory(
+        model, f"contrastive search with top_k={k} x {B} prompts x {T + max_new_tokens} "
+        "positions", B * k, T + max_new_tokens, vocab_buffers=2,
+        hint="use a smaller top_k, fewer prompts or fewer new tokens",
+    )  # fmt: skip
     cache = model.new_cache(B, T + max_new_tokens)
     logits, hidden = _forward(
         model, tokens, attention_mask=attention_mask, cache=cache, logits_to_keep=1
     )
     logits = logits[:, -1].float()
+    check_finite(logits)
     # every token's final hidden state, and which of them count (not left padding)
     context = hidden.new_zeros(B, T + max_new_tokens, hidden.shape[-1], dtype=torch.float32)
     context[:, :T] = hidden.float()
@@ -167,7 +169,10 @@ def contrastive_search(
     finished on one. `logits_processor(input_ids, logits)` is applied to the float32
     logits before the softmax that ranks the candidates (penalties, bad words...).
     """
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    no_eos = eos_token_id is None or (isinstance(eos_token_id, (list, tuple)) and not eos_token_id)
+    eos = (
+        [] if no_eos else token_ids("eos_token_id", eos_token_id, model.cfg.d_vocab, allow_one=True)
+    )
     out: list[list[int]] = [[] for _ in range(tokens.shape[0] if tokens.dim() == 2 else 1)]
     for next_token, _, finished in contrastive_steps(
         model, tokens, attention_mask, penalty_alpha=penalty_alpha, top_k=top_k,

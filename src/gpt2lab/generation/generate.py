@@ -11,6 +11,7 @@ dispatches to them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,12 +20,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GPT2LabError
+from ..validate import boolean, check_memory, integer, is_int, number, seed, show, token_ids
 from .processors import build_pipeline
 
 if TYPE_CHECKING:
     from ..model import GPT2
 
 SAMPLING_OPTIONS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+# The values of the sampling options that change nothing (what beam search accepts).
+SAMPLING_NO_OPS = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                   "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}  # fmt: skip
+# transformers' beam options at their defaults: accepted without beams, as the no-ops they
+# are there; any other value needs beam search (num_beams > 1).
+BEAM_DEFAULTS = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
+                 "length_penalty": 1.0, "diversity_penalty": 0.0, "early_stopping": False}  # fmt: skip
+# Other transformers options that gpt2lab accepts at their defaults only.
+OTHER_DEFAULTS = {"use_cache": True, "output_scores": False, "output_logits": False,
+                  "output_attentions": False, "output_hidden_states": False,
+                  "return_dict_in_generate": False}  # fmt: skip
 
 
 @dataclass
@@ -48,10 +61,12 @@ def _prompt_tokens(model: GPT2, prompt) -> tuple[torch.Tensor, torch.Tensor | No
     if isinstance(prompt, torch.Tensor) and prompt.dim() in (1, 2) and prompt.numel():
         tokens = prompt if prompt.dim() == 2 else prompt.unsqueeze(0)
         return tokens.to(model.device), None, False, prompt.dim() == 1
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return torch.tensor([prompt], device=model.device), None, False, True
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+        ids = token_ids("prompt", prompt, model.cfg.d_vocab)
+        return torch.tensor([ids], device=model.device), None, False, True
     raise GPT2LabError(
-        "prompt must be a string, a list of strings, a list of token ids or a tensor of ids"
+        "prompt must be a string, a list of strings, a list of token ids or a tensor of ids, "
+        f"got {show(prompt)}"
     )
 
 
@@ -78,47 +93,29 @@ def _settings(
     model: GPT2, prompt_len: int, opts: dict[str, Any], pad_lengths: torch.Tensor | None = None
 ) -> _Settings:
     """Validate the options; `pad_lengths` [rows]: left padding, kept out of penalties."""
-    max_new_tokens = opts.pop("max_new_tokens", 32)
-    if (
-        not isinstance(max_new_tokens, int)
-        or isinstance(max_new_tokens, bool)
-        or max_new_tokens < 1
-    ):
-        raise GPT2LabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = integer("max_new_tokens", opts.pop("max_new_tokens", 32), 1)
+    _accept_defaults(model, opts)
     penalty_alpha, contrastive_k = _contrastive_options(model, opts)
     temperature = opts.pop("temperature", None)
-    if temperature is not None and (
-        not isinstance(temperature, (int, float))
-        or isinstance(temperature, bool)
-        or temperature < 0
-    ):
-        raise GPT2LabError(f"temperature must be a number >= 0, got {temperature!r}")
+    if temperature is not None:
+        temperature = number("temperature", temperature, 0)
     do_sample = opts.pop("do_sample", None)
     if temperature == 0:
         sample = False  # temperature 0 means greedy, whatever else is set
     elif do_sample is not None:
-        sample = bool(do_sample)
+        sample = boolean("do_sample", do_sample)
     else:
         sample = temperature is not None or any(opts.get(k) is not None for k in SAMPLING_OPTIONS)
     eot = model.tokenizer.eot_token
-    stop_ids = set(opts.pop("stop_token_ids", None) or [])
-    if opts.pop("stop_at_eot", True):
+    stop_ids = _stop_ids(model, opts.pop("stop_token_ids", None))
+    if boolean("stop_at_eot", opts.pop("stop_at_eot", True)):
         stop_ids.add(eot)
-    if any(not isinstance(t, int) or not 0 <= t < model.cfg.d_vocab for t in stop_ids):
-        raise GPT2LabError(f"stop_token_ids must be token ids below {model.cfg.d_vocab}")
-    stop = opts.pop("stop", None)
-    stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise GPT2LabError("stop must be a non-empty string or a list of non-empty strings")
+    stop_strings = _stop_strings(opts.pop("stop", None))
     bad_words = opts.pop("bad_words", None)
     if bad_words is not None:
-        opts["bad_words_ids"] = [
-            model.tokenizer.encode(w) if isinstance(w, str) else list(w) for w in bad_words
-        ]
-    max_time = opts.pop("max_time", None)
-    if max_time is not None and (not isinstance(max_time, (int, float)) or max_time <= 0):
-        raise GPT2LabError(f"max_time must be a positive number of seconds, got {max_time!r}")
-    seed = opts.pop("seed", None)
+        opts["bad_words_ids"] = _bad_words(model, bad_words)
+    max_time = _max_time(opts.pop("max_time", None))
+    seed_value = seed(opts.pop("seed", None))
     processing = {
         k: opts.pop(k)
         for k in (
@@ -133,7 +130,7 @@ def _settings(
         if k in opts
     }
     if opts:
-        raise GPT2LabError(f"unknown generation option {sorted(opts)[0]!r}")
+        raise GPT2LabError(f"unknown generation option {sorted(opts, key=str)[0]!r}")
     if not sample:  # warpers only reshape the distribution a sampler draws from
         for k in SAMPLING_OPTIONS:
             processing.pop(k, None)
@@ -144,15 +141,139 @@ def _settings(
         pad_lengths=pad_lengths,
         **processing,
     )
+    _check_vocab(model, processing.get("bad_words_ids"))
     if prompt_len + max_new_tokens > model.cfg.n_ctx:
         raise GPT2LabError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"context of {model.cfg.n_ctx}"
         )
     return _Settings(
-        max_new_tokens, sample, pipeline, stop_ids, stop_strings, max_time, seed,
+        max_new_tokens, sample, pipeline, stop_ids, stop_strings, max_time, seed_value,
         penalty_alpha, contrastive_k,
     )  # fmt: skip
+
+
+def _accept_defaults(model: GPT2, opts: dict[str, Any]) -> None:
+    """Pop transformers' options that change nothing at the values given: the beam options
+    at their defaults (other values need num_beams > 1), output switches at theirs, and
+    `pad_token_id` / `eos_token_id` as HF GPT-2 code passes them (padding never shows in
+    gpt2lab's outputs; the end token is <|endoftext|>)."""
+    for key, default in BEAM_DEFAULTS.items():
+        if key in opts:
+            value = opts.pop(key)
+            if key == "num_beams":
+                integer("num_beams", value, 1)
+            if not _same(value, default):
+                raise GPT2LabError(
+                    f"{key}={show(value)} needs beam search (num_beams > 1); without beams only "
+                    f"{key}={default!r} is accepted"
+                )
+    for key, default in OTHER_DEFAULTS.items():
+        if key in opts and not _same(opts.pop(key), default):
+            raise GPT2LabError(f"{key} is not supported other than at its default, {default!r}")
+    if "pad_token_id" in opts:
+        integer("pad_token_id", opts.pop("pad_token_id"), 0, model.cfg.d_vocab - 1)
+    if "eos_token_id" in opts:
+        eos = opts.pop("eos_token_id")
+        if token_ids("eos_token_id", eos, model.cfg.d_vocab, allow_one=True) != [
+            model.tokenizer.eot_token
+        ]:
+            raise GPT2LabError(
+                "eos_token_id other than <|endoftext|> is not supported; pass stop_token_ids "
+                "to end on other tokens"
+            )
+
+
+def _same(value: Any, default: Any) -> bool:
+    """`value` equals `default` and has its kind (True is not 1, 1.0 is not the int 1)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool) and value == default
+    if isinstance(default, int):
+        return is_int(value) and value == default
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
+
+
+def _stop_ids(model: GPT2, value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, (list, tuple)) and not value:
+        return set()
+    return set(token_ids("stop_token_ids", value, model.cfg.d_vocab, allow_one=True))
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    strings = [stop] if isinstance(stop, str) else stop
+    if not isinstance(strings, (list, tuple)) or any(
+        not isinstance(s, str) or not s for s in strings
+    ):
+        raise GPT2LabError(
+            f"stop must be a non-empty string or a list of non-empty strings, got {show(stop)}"
+        )
+    return list(strings)
+
+
+def _bad_words(model: GPT2, bad_words: Any) -> list[list[int]]:
+    """`bad_words` as token sequences to ban: a string is one word (encoded as given, so
+    " word" bans the word after a space), a list holds strings and lists of token ids."""
+    words = [bad_words] if isinstance(bad_words, str) else bad_words
+    if not isinstance(words, (list, tuple)) or not words:
+        raise GPT2LabError(
+            "bad_words must be a string or a non-empty list of strings and lists of token "
+            f"ids, got {show(bad_words)}"
+        )
+    out = []
+    for word in words:
+        if isinstance(word, str):
+            ids = model.tokenizer.encode(word)
+            if not ids:
+                raise GPT2LabError("bad_words holds an empty string: give each word some text")
+        else:
+            ids = token_ids("each of bad_words", word, model.cfg.d_vocab)
+        out.append(ids)
+    return out
+
+
+def _check_vocab(model: GPT2, sequences: Any) -> None:
+    """Banned token ids must exist (BannedSequences itself only learns the vocabulary
+    size at the first step, too late to say so before decoding starts)."""
+    if sequences:
+        top = max(t for seq in sequences for t in seq)
+        if top >= model.cfg.d_vocab:
+            raise GPT2LabError(
+                f"bad_words_ids contains token id {top}, outside the vocabulary of "
+                f"{model.cfg.d_vocab}"
+            )
+
+
+def _max_time(value: Any) -> float | None:
+    """A time limit in seconds (> 0; infinity means none)."""
+    if value is None or (isinstance(value, float) and value == math.inf):
+        return None
+    return number("max_time", value, 0, low_open=True)
+
+
+def check_decoding_memory(
+    model: GPT2,
+    what: str,
+    rows: int,
+    positions: int,
+    *,
+    vocab_buffers: int = 6,
+    hint: str = "use fewer prompts, beams or new tokens",
+) -> None:
+    """Refuse, before allocating, a decoding job whose working set would not fit in memory.
+
+    Per row (a prompt, a beam or a contrastive candidate): its KV cache (all layers, keys
+    and values; counted twice, as beam and contrastive search copy it when they reorder
+    rows), `vocab_buffers` vocabulary-sized float32 buffers a step (logits, log-probs,
+    processed scores, the softmax and top-k work: about six for greedy, sampling and
+    beam rows, two for a contrastive candidate) and a few int64 rows of tokens."""
+    cfg = model.cfg
+    cache = 2 * cfg.n_layers * positions * cfg.d_model * model.dtype.itemsize
+    per_row = 2 * cache + vocab_buffers * cfg.d_vocab * 4 + 6 * positions * 8
+    check_memory(what, rows * per_row, model.device, hint=hint)
 
 
 def _contrastive_options(model: GPT2, opts: dict[str, Any]) -> tuple[float, int]:
@@ -201,8 +322,13 @@ def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Set
     eot = model.tokenizer.eot_token
     stop_ids = torch.tensor(sorted(s.stop_ids), device=model.device, dtype=torch.long)
 
+    check_decoding_memory(
+        model, f"generating for {B} prompts x {T + s.max_new_tokens} positions", B,
+        T + s.max_new_tokens,
+    )  # fmt: skip
     cache = model.new_cache(B, T + s.max_new_tokens)
     logits = model(tokens, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+    check_finite(logits)
     seq = torch.cat([tokens, tokens.new_empty(B, s.max_new_tokens)], dim=1)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(s.max_new_tokens):
@@ -210,8 +336,7 @@ def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Set
         logprobs = torch.log_softmax(logits, dim=-1)
         scores = s.pipeline(seq[:, : T + step], logits)
         if s.sample:
-            probs = torch.softmax(scores, dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            next_token = _draw(torch.softmax(scores, dim=-1), gen)
         else:
             next_token = scores.argmax(-1)
         next_token = torch.where(done, eot, next_token)
@@ -221,6 +346,29 @@ def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Set
         if bool(done.all()) or step == s.max_new_tokens - 1:
             return
         logits = model(next_token[:, None], cache=cache)[:, -1]
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Refuse to decode from non-finite logits (checked once, on the prompt's): NaN or inf
+    weights would otherwise make greedy search emit token 0 forever, sampling fail deep
+    in torch, and beam scores turn NaN."""
+    if not bool(torch.isfinite(logits).all()):
+        raise GPT2LabError(
+            "the model's logits are not finite (NaN or inf): its weights hold NaN or inf "
+            "values; reload or retrain the checkpoint"
+        )
+
+
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from `probs` [batch, vocab] (torch.multinomial, whose error for
+    an invalid distribution is turned into one that says what went wrong)."""
+    try:
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    except RuntimeError:
+        raise GPT2LabError(
+            "cannot sample: the next-token distribution is not valid (NaN or inf logits, or "
+            "every token filtered out by the options)"
+        ) from None
 
 
 class _StopStrings:
@@ -274,8 +422,9 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
     text for text input (a list for a list of prompts), token ids for id input, or a
     `GenerationResult` with `return_result=True`.
     """
+    return_result = boolean("return_result", return_result)
     tokens, mask, is_text, single = _prompt_tokens(model, prompt)
-    if options.get("num_beams", 1) != 1 or options.get("num_beam_groups", 1) != 1:
+    if _wants_beams(options):
         result = _generate_beams(model, tokens, mask, dict(options))
     else:
         settings = _settings(model, tokens.shape[1], dict(options), _pad_lengths(mask))
@@ -284,6 +433,22 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
         return result
     value = result.texts if is_text else result.tokens
     return value[0] if single and len(value) == 1 else value
+
+
+def _given(value: Any, unset: Any = None) -> bool:
+    """Whether an option was given a value: None, an empty string or list, and the number
+    `unset` mean it was not."""
+    if value is None or (isinstance(value, (str, list, tuple)) and not value):
+        return False
+    return not (unset is not None and _same(value, unset))
+
+
+def _wants_beams(options: dict[str, Any]) -> bool:
+    """Beam search: num_beams or num_beam_groups other than 1 (invalid values included, so
+    that beam search reports them)."""
+    return not (
+        _same(options.get("num_beams", 1), 1) and _same(options.get("num_beam_groups", 1), 1)
+    )
 
 
 def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
@@ -299,6 +464,8 @@ def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
         ):
             if was_done or reasons[b] != "length":
                 continue
+            if lp != lp:  # NaN: the logits went non-finite after the prompt (checked there)
+                check_finite(torch.tensor(lp))
             if t in s.stop_ids:
                 reasons[b] = "stop"
                 continue
@@ -340,16 +507,21 @@ def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> Gener
     from .beam import beam_search
 
     beam = {k: options.pop(k) for k in BEAM_OPTIONS if k in options}
-    n = beam.get("num_beams", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise GPT2LabError(f"num_beams must be an integer >= 1, got {n!r}")
-    sampling = [k for k in ("do_sample", "temperature", *SAMPLING_OPTIONS) if options.get(k)]
-    if sampling:
-        raise GPT2LabError(f"beam search does not sample; drop {sampling[0]}")
-    if options.get("stop") or options.get("max_time"):
+    n = integer("num_beams", beam.get("num_beams", 1), 1)
+    for key, no_op in SAMPLING_NO_OPS.items():  # accepted where they change nothing
+        value = options.pop(key, None)
+        if value is not None and not _same(value, no_op):
+            raise GPT2LabError(f"beam search does not sample; drop {key}")
+    if _given(options.get("stop")) or _given(options.get("max_time")):
         raise GPT2LabError("stop strings and max_time are not supported with beam search")
-    if options.get("penalty_alpha"):
+    if _given(options.get("penalty_alpha"), unset=0.0):
         raise GPT2LabError("penalty_alpha (contrastive search) cannot be combined with beam search")
+    B, T = tokens.shape
+    max_new = integer("max_new_tokens", options.get("max_new_tokens", 32), 1)
+    check_decoding_memory(
+        model, f"beam search with {n} beams x {B} prompts x {T + max_new} positions", B * n,
+        T + max_new,
+    )  # fmt: skip
     pad = _pad_lengths(mask)
     s = _settings(
         model, tokens.shape[1], options, None if pad is None else pad.repeat_interleave(n)
@@ -383,7 +555,7 @@ def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
     """
     if not isinstance(prompt, str):
         raise GPT2LabError("stream() takes one text prompt")
-    if options.get("num_beams", 1) != 1:
+    if _wants_beams(options):
         raise GPT2LabError("stream() does not support beam search (it revises earlier tokens)")
     tokens, mask, _, _ = _prompt_tokens(model, prompt)
     s = _settings(model, tokens.shape[1], dict(options))

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 
 from ..errors import GPT2LabError
+from ..validate import integer, is_int, number
 
 NEG_INF = -math.inf
 
@@ -35,47 +36,24 @@ Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise GPT2LabError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return integer(name, value, minimum)
 
 
 def _real(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise GPT2LabError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+    return number(name, value, low, high, low_open=low_open, high_open=high_open)
 
 
 def _positive(name: str, value) -> float:
-    if (
-        not isinstance(value, Real)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise GPT2LabError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number(name, value, 0, low_open=True)
 
 
 def _finite(name: str, value) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise GPT2LabError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return number(name, value)
 
 
 def _token_ids(name: str, value) -> list[int]:
-    ids = [value] if isinstance(value, Integral) and not isinstance(value, bool) else value
-    if (
-        not isinstance(ids, Sequence)
-        or not ids
-        or any(not isinstance(t, Integral) or isinstance(t, bool) or t < 0 for t in ids)
-    ):
+    ids = [value] if is_int(value) else value
+    if not isinstance(ids, Sequence) or not ids or any(not is_int(t) or t < 0 for t in ids):
         raise GPT2LabError(
             f"{name} must be a token id or a non-empty list of token ids, got {value!r}"
         )
@@ -126,12 +104,21 @@ class TemperatureWarper(LogitsProcessor):
     """Divide the logits by the temperature: < 1 sharpens the distribution, > 1 flattens it.
 
     Temperature 0 is greedy decoding, which is not a distribution; ask for it by not
-    sampling rather than through this warper."""
+    sampling rather than through this warper. Below COLD (1e-4) the best score of each
+    row is first moved to 0: dividing by a tiny temperature (1e-45 is a float32
+    denormal) would otherwise overflow to +inf and the softmax to NaN. After the shift
+    every score is <= 0 and at worst becomes -inf, so the distribution goes to its limit,
+    all mass on the best token(s). Softmax and every later warper are unchanged by the
+    shift; at COLD and above the division is exactly transformers'."""
+
+    COLD = 1e-4
 
     def __init__(self, temperature: float):
         self.temperature = _positive("temperature", temperature)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature < self.COLD:
+            scores = scores - scores.amax(dim=-1, keepdim=True)
         return scores / self.temperature
 
 
@@ -337,9 +324,7 @@ class BannedSequences(LogitsProcessor):
         ok = isinstance(sequences, Sequence) and not isinstance(sequences, str) and sequences
         if ok:
             ok = all(
-                isinstance(s, Sequence)
-                and s
-                and all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in s)
+                isinstance(s, Sequence) and s and all(is_int(t) and t >= 0 for t in s)
                 for s in sequences
             )
         if not ok:
@@ -456,34 +441,45 @@ def build_pipeline(
     """
     _int("prompt_len", prompt_len, 0)
     steps: list[Processor] = []
-    if repetition_penalty is not None and repetition_penalty != 1:
+    if _active(repetition_penalty, 1):
         steps.append(RepetitionPenalty(repetition_penalty, ignore_prefix=pad_lengths))
-    if frequency_penalty is not None and frequency_penalty != 0:
+    if _active(frequency_penalty, 0):
         steps.append(FrequencyPenalty(frequency_penalty, prompt_len))
-    if presence_penalty is not None and presence_penalty != 0:
+    if _active(presence_penalty, 0):
         steps.append(PresencePenalty(presence_penalty, prompt_len))
-    if no_repeat_ngram_size is not None and no_repeat_ngram_size != 0:
+    if _active(no_repeat_ngram_size, 0):
         steps.append(NoRepeatNGram(no_repeat_ngram_size))
     if bad_words_ids is not None and (not isinstance(bad_words_ids, Sequence) or bad_words_ids):
         steps.append(BannedSequences(bad_words_ids, eos_token_id))
-    if min_new_tokens is not None and min_new_tokens != 0:
+    if _active(min_new_tokens, 0):
         steps.append(MinNewTokens(min_new_tokens, prompt_len, eos_token_id))
-    if temperature is not None and temperature != 1:
+    if _active(temperature, 1):
         steps.append(TemperatureWarper(temperature))
     keep = min_tokens_to_keep
-    if top_k is not None and top_k != 0:
+    if _active(top_k, 0):
         steps.append(TopKWarper(top_k, min_tokens_to_keep=keep))
-    if top_p is not None and top_p != 1:
+    if _active(top_p, 1):
         steps.append(TopPWarper(top_p, min_tokens_to_keep=keep))
-    if min_p is not None and min_p != 0:
+    if _active(min_p, 0):
         steps.append(MinPWarper(min_p, min_tokens_to_keep=keep))
-    if typical_p is not None and typical_p != 1:
+    if _active(typical_p, 1):
         steps.append(TypicalWarper(typical_p, min_tokens_to_keep=keep))
-    if epsilon_cutoff is not None and epsilon_cutoff != 0:
+    if _active(epsilon_cutoff, 0):
         steps.append(EpsilonWarper(epsilon_cutoff, min_tokens_to_keep=keep))
-    if eta_cutoff is not None and eta_cutoff != 0:
+    if _active(eta_cutoff, 0):
         steps.append(EtaWarper(eta_cutoff, min_tokens_to_keep=keep))
     return LogitsPipeline(steps)
+
+
+def _active(value, no_op: float) -> bool:
+    """Whether an option adds a step: given, and not the number that changes nothing.
+    Anything but a plain number (a bool, a string, a tensor) adds its step, whose
+    constructor then rejects it, rather than being compared (a tensor cannot be)."""
+    if value is None:
+        return False
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return value != no_op
+    return True
 
 
 __all__ = [
