@@ -6,6 +6,7 @@ in-process through the same `main`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -297,3 +298,89 @@ def test_generate_stream_prints_the_same_text(small_ckpt, offline):
     assert streamed.output == plain.output
     expected = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=12, temperature=0.9, seed=5)
     assert plain.output == PROMPT + expected + "\n"
+
+
+# ---- long texts: progress on a terminal, linear word tables ------------------------------
+LONG = "The cat sat on the mat, and the dog watched it from the door. " * 60  # ~ 900 tokens
+
+
+def test_score_shows_a_transient_progress_bar_on_a_terminal_only(tmp_path, offline_home):
+    """stderr a terminal (a pty): a rich bar that is erased at the end; stdout (a pipe)
+    gets the result line and nothing else."""
+    import pty
+
+    (tmp_path / "long.txt").write_text(LONG)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt2lab", "score", f"@{tmp_path / 'long.txt'}", "--words"],
+        stdout=subprocess.PIPE, stderr=slave, text=True, env=cli_env(offline_home),
+    )  # fmt: skip
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    out = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, terminal.decode(errors="replace")
+    os.close(master)
+    screen = terminal.decode(errors="replace")
+    assert "scoring" in screen and "tokens" in screen  # the bar was drawn
+    assert "\x1b[2K" in screen[screen.rindex("scoring") :]  # and erased (transient)
+    assert "Traceback" not in screen
+    lines = out.splitlines()
+    assert lines[0].startswith("perplexity ") and "tokens scored" in lines[0]
+    assert "scoring" not in out and "\x1b" not in out
+
+
+def test_score_piped_prints_the_result_only(small_ckpt, offline, capsys):
+    rc, out, err = run_main(["score", LONG, "--model", str(small_ckpt), "--stride", "32"], capsys)
+    assert rc == 0 and err == ""
+    assert len(out.splitlines()) == 1 and out.startswith("perplexity ")
+
+
+def old_words(scores, split_punctuation=False):
+    """The word grouping as first written (quadratic: it re-joined the word so far at
+    every token), the reference for the linear one."""
+    from gpt2lab.scoring import LN2, Word
+
+    def starts_word(i, word_start):
+        s = scores.strings[i]
+        if "".join(scores.strings[word_start:i]).isspace():
+            return False
+        if s[:1].isspace():
+            return True
+        return split_punctuation and bool(s) and not s[0].isalnum() and s[0] != "\ufffd"
+
+    words, start = [], 0
+    for i in range(1, len(scores.tokens) + 1):
+        if i < len(scores.tokens) and not starts_word(i, start):
+            continue
+        text = "".join(scores.strings[start:i])
+        logprob = math.fsum(scores.logprobs[start:i])
+        words.append(Word(text, start, i, logprob, -logprob / LN2))
+        start = i
+    return words
+
+
+def test_word_table_matches_the_original_grouping_and_is_linear():
+    import random
+
+    from gpt2lab.scoring import TokenScores
+
+    pool = ["", " ", "\n", "\n\n", " \t", " the", "cat", "!", "'s", "\ufffd", "a", "1", ".", " -"]
+    rng = random.Random(0)
+    for _ in range(500):
+        strings = [rng.choice(pool) for _ in range(rng.randrange(0, 30))]
+        scores = TokenScores(list(range(len(strings))), strings, [-rng.random() for _ in strings])
+        for split in (False, True):
+            assert scores.words(split_punctuation=split) == old_words(scores, split)
+    # one 300,000-token "word" (a 5 MB line without spaces): quadratic grouping would
+    # copy ~10^10 characters here
+    n = 300_000
+    (word,) = TokenScores([0] * n, ["ab"] * n, [-1.0] * n).words()
+    assert (word.start, word.end, len(word.text), word.logprob) == (0, n, 2 * n, -n)

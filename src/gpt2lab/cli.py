@@ -24,6 +24,34 @@ app = typer.Typer(
 MODEL_HELP = "checkpoint directory, preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or HF repo id; default: the bundled model"
 
 
+def check_output(path: str, *, folder: bool = False, option: str = "--out") -> None:
+    """Fail before any work (a model load, minutes of training) on an output we could not
+    write: a file where a folder is wanted or the reverse, a file in the way of a parent
+    folder, no permission, a read-only or pseudo file system (/proc). Missing parent
+    folders are fine (they are created on writing); the nearest existing one must take
+    a new file, which creating and removing a hidden probe file tests directly."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        raise GPT2LabError(f"{option} {path} is a file; give a folder")
+    if not folder and target.is_dir():
+        raise GPT2LabError(f"{option} {path} is a folder; give a file name")
+    if not str(path) or (not folder and not target.name):
+        raise GPT2LabError(f"{option} needs a {'folder' if folder else 'file'} name")
+    start = target if folder else target.parent
+    existing = next((a for a in (start, *start.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise GPT2LabError(f"{option} {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gpt2lab-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise GPT2LabError(f"{option} {path}: cannot write in {existing}: {e.strerror or e}") from e
+
+
 @app.command()
 def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     """Sizes, parameter count, dtype and files of a model (reads headers only, not weights)."""
@@ -161,6 +189,8 @@ def score(
     from .checkpoint import load
 
     if text.startswith("@"):
+        if text == "@":
+            raise GPT2LabError("give a file name after @ (score @FILE), or text to score")
         path = Path(text[1:])
         if not path.is_file():
             raise GPT2LabError(f"{path} does not exist or is not a file")
@@ -169,10 +199,13 @@ def score(
         except UnicodeDecodeError:
             raise GPT2LabError(f"{path} is not UTF-8 text") from None
     lm = load(model, dtype=dtype, device=device)
-    ppl, nll, n = lm.perplexity(text, stride=stride, bos=bos, return_details=True)
+    progress = sys.stderr.isatty()  # a transient bar on a terminal; nothing when piped
+    ppl, nll, n = lm.perplexity(
+        text, stride=stride, bos=bos, return_details=True, progress=progress
+    )
     typer.echo(f"perplexity {ppl:.4f}  ({n} tokens scored, mean NLL {nll / n:.4f} nats)")
     if tokens or words:
-        scored = lm.score(text, bos=bos)
+        scored = lm.score(text, bos=bos, progress=progress)
         if tokens:
             typer.echo("\n  pos  token                 logprob  surprisal (bits)")
             for i, (tok, lp) in enumerate(zip(scored.strings, scored.logprobs, strict=True)):
@@ -278,6 +311,7 @@ def patch(
     resolve_site(what)
     if out is not None:
         check_figure_path(out)
+        check_output(out)
     lm = load(model, device=device)
     result = patch_prompts(lm, clean, corrupted, answer, wrong, what=what, batch=batch)
     typer.echo(result.to_text())
@@ -320,6 +354,8 @@ def lens(
         raise GPT2LabError(f"--color-by must be one of {', '.join(COLOR_BY)}, got {color_by!r}")
     if out is not None and Path(out).suffix.lower() not in (".png", ".html", ".htm"):
         raise GPT2LabError(f"--out must end in .png or .html, got {out!r}")
+    if out is not None:
+        check_output(out)
     lm = load(model, device=device)
     if tuned is not None:
         result = TunedLens.load(tuned, lm).apply(prompt, target=target, k=k, prepend_bos=bos)
@@ -328,6 +364,7 @@ def lens(
     console = Console() if sys.stdout.isatty() else Console(width=1000)
     console.print(result.table(k))
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         if Path(out).suffix.lower() == ".png":
             result.plot(out, color_by)
         else:
@@ -363,8 +400,11 @@ def lens_train(
 
     if Path(out).is_file():
         raise GPT2LabError(f"--out {out} is a file; give a folder for the tuned lens")
+    check_output(out, folder=True)
     if not Path(data).exists():
         raise GPT2LabError(f"--data {data} does not exist")
+    if eval_data is not None and not Path(eval_data).exists():
+        raise GPT2LabError(f"--eval {eval_data} does not exist")
     if eval_data is None and (Path(data) / "manifest.json").is_file():
         eval_data = data  # a shards folder: its val split is held out
     lm = load(model, device=device)
@@ -468,7 +508,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if debug:
             raise
         _fail(_error_line(e))
+    if result == 130:  # typer turns Ctrl-C into exit code 130, silently
+        typer.echo("gpt2lab: interrupted", err=True)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (GPU) or its CPU allocator's failure
+    (a RuntimeError saying "can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def _error_line(e: Exception) -> str:
@@ -479,7 +529,7 @@ def _error_line(e: Exception) -> str:
         return f"gpt2lab: error: {describe_os_error(e)}"
     if isinstance(e, UnicodeDecodeError):
         return f"gpt2lab: error: a file is not UTF-8 text ({_message(e)})"
-    if isinstance(e, MemoryError):
+    if _out_of_memory(e):
         return "gpt2lab: error: out of memory (try a smaller input, batch or model)"
     return (
         f"gpt2lab: internal error: {type(e).__name__}: {_message(e)} "

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -255,14 +256,61 @@ def _positive_int(name: str, value: Any, default: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with "gpt2lab" registered: `python -m gpt2lab.lm_eval_model ...`."""
+    """lm-eval's command line with "gpt2lab" registered: `python -m gpt2lab.lm_eval_model ...`.
+
+    lm-eval reports a bad command line through argparse (usage text and exit code 2) and
+    bad values (an unknown task, a bad --model_args) as ValueError and friends from its
+    own code. Both come out as one line here: argparse's as "gpt2lab: error: ..." with
+    exit code 2, the others as a GPT2LabError (exit code 1 in `gpt2lab eval`). An
+    exception raised in gpt2lab's code is left alone: that is a bug, not bad input."""
     from lm_eval.__main__ import cli_evaluate
 
     import gpt2lab.lm_eval_model  # noqa: F401  (registers the model under its real name)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        with _argparse_errors_as_one_line():
+            cli_evaluate()
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+        if isinstance(e, GPT2LabError) or not _raised_in_lm_eval(e):
+            raise
+        raise GPT2LabError(f"lm-eval: {type(e).__name__}: {e}") from e
+
+
+class _ArgparseError(Exception):
+    pass
+
+
+@contextmanager
+def _argparse_errors_as_one_line():
+    """While lm-eval parses its command line, argparse errors print one line (not the
+    whole usage text) and exit with code 2."""
+    import argparse
+
+    def error(self, message):
+        raise _ArgparseError(message)
+
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    except _ArgparseError as e:
+        message = " ".join(str(e).split())
+        print(f"gpt2lab: error: {message} (see 'gpt2lab eval --help')", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        argparse.ArgumentParser.error = original
+
+
+def _raised_in_lm_eval(e: BaseException) -> bool:
+    """Whether the innermost frame of the traceback is lm-eval's code."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "").startswith("lm_eval")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ Conventions, each the one the usual reference uses:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -54,7 +55,11 @@ LN2 = math.log(2)
 # ---- the one primitive --------------------------------------------------------------
 @torch.no_grad()
 def token_logprobs(
-    model: GPT2, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    model: GPT2,
+    prefixes: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    with_greedy: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log-probs of each continuation's tokens given its prefix, all rows in one batch.
 
@@ -64,7 +69,9 @@ def token_logprobs(
     n_ctx + 1 tokens (the prefix loses its start, as lm-eval truncates).
 
     Returns, per row, a float32 CPU tensor of log-probs (natural log) and a bool tensor
-    telling whether each continuation token was the model's top (greedy) choice.
+    telling whether each continuation token was the model's top (greedy) choice (an
+    empty list with `with_greedy=False`: the argmax over the vocabulary costs about as
+    much as the log-softmax, and perplexity does not need it).
     """
     if len(prefixes) != len(continuations) or not prefixes:
         raise GPT2LabError("token_logprobs needs one prefix per continuation, at least one row")
@@ -86,14 +93,15 @@ def token_logprobs(
         logits_to_keep=keep,
     )
     logp = logits.float().log_softmax(-1)  # [batch, keep, vocab], float32 even for bf16
-    top = logp.argmax(-1)
+    top = logp.argmax(-1) if with_greedy else None
 
     logprobs, greedy = [], []
     for i, cont in enumerate(continuations):
         target = torch.tensor(list(cont), device=logp.device)
         rows_lp = logp[i, keep - len(cont) :]
         logprobs.append(rows_lp.gather(-1, target[:, None])[:, 0].cpu())
-        greedy.append((top[i, keep - len(cont) :] == target).cpu())
+        if top is not None:
+            greedy.append((top[i, keep - len(cont) :] == target).cpu())
     return logprobs, greedy
 
 
@@ -109,15 +117,54 @@ def windows(n_tokens: int, max_length: int, stride: int):
             break
 
 
-def sliding_logprobs(model: GPT2, ids: Sequence[int], max_length: int, stride: int) -> torch.Tensor:
-    """log p(ids[t] | window context) for every t, NaN where a token gets no prediction."""
+def sliding_logprobs(
+    model: GPT2, ids: Sequence[int], max_length: int, stride: int, *, progress: bool = False
+) -> torch.Tensor:
+    """log p(ids[t] | window context) for every t, NaN where a token gets no prediction.
+
+    The cost is one forward pass and one log-softmax over the whole vocabulary per
+    window, so it grows with the text: a 5 MB text is about a million tokens, thousands
+    of windows, minutes on a CPU. `progress=True` shows a transient progress bar on
+    stderr (tokens done, time left)."""
     out = torch.full((len(ids),), math.nan)
-    for begin, end, trg_len in windows(len(ids), max_length, stride):
-        start = max(end - trg_len, begin + 1)  # the window's first token has no context
-        if start < end:
-            (lp,), _ = token_logprobs(model, [ids[begin:start]], [ids[start:end]])
-            out[start:end] = lp
+    with _progress_bar(len(ids), "scoring", progress) as advance:
+        for begin, end, trg_len in windows(len(ids), max_length, stride):
+            start = max(end - trg_len, begin + 1)  # the window's first token has no context
+            if start < end:
+                (lp,), _ = token_logprobs(
+                    model, [ids[begin:start]], [ids[start:end]], with_greedy=False
+                )
+                out[start:end] = lp
+            advance(trg_len)
     return out
+
+
+@contextmanager
+def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar on stderr, so piped stdout stays clean; yields
+    advance(n). Disabled, it costs nothing and prints nothing."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _ids(model: GPT2, text_or_ids, bos: bool) -> tuple[list[int], int]:
@@ -181,6 +228,7 @@ def perplexity(
     max_length: int | None = None,
     bos: bool = False,
     return_details: bool = False,
+    progress: bool = False,
 ):
     """Perplexity by HF's sliding window: exp(total NLL / number of predicted tokens).
 
@@ -188,6 +236,7 @@ def perplexity(
     chunks; a smaller stride gives every target more context: gpt2-large on
     WikiText-2 scores 19.44 at stride 1024 and 16.44 at 512). `text_or_ids` is text or
     token ids. With `return_details=True` returns (ppl, nll_sum, n_tokens).
+    `progress=True` shows a progress bar on stderr (for long texts).
 
     Every predicted token counts once. (HF's current doc loop weights each window's
     mean loss by its targets minus one: exact for disjoint windows, one token short
@@ -196,7 +245,7 @@ def perplexity(
     return_details = boolean("return_details", return_details)
     ids, _ = _ids(model, text_or_ids, bos)
     max_length, stride = _check_window(model, max_length, stride, lambda m: m)
-    lp = sliding_logprobs(model, ids, max_length, stride).double()
+    lp = sliding_logprobs(model, ids, max_length, stride, progress=bool(progress)).double()
     predicted = lp[~lp.isnan()]
     if predicted.numel() == 0:
         raise GPT2LabError("perplexity needs at least two tokens (or bos=True)")
@@ -247,26 +296,38 @@ class TokenScores:
         that starts with punctuation or a symbol ("!", "'s") also starts a new word.
         """
         words: list[Word] = []
-        start = 0
-        for i in range(1, len(self.tokens) + 1):
-            if i < len(self.tokens) and not self._starts_word(i, start, split_punctuation):
-                continue
-            text = "".join(self.strings[start:i])
-            logprob = math.fsum(self.logprobs[start:i])
-            words.append(Word(text, start, i, logprob, -logprob / LN2))
-            start = i
+        start, empty, blank = 0, True, False  # the word so far is "" / whitespace only
+        for i, s in enumerate(self.strings):
+            if i > start and self._starts_word(s, blank, split_punctuation):
+                words.append(self._word(start, i))
+                start, empty, blank = i, True, False
+            if s:  # kept up to date token by token: linear even in a text without spaces
+                blank, empty = (blank or empty) and s.isspace(), False
+        if self.strings:
+            words.append(self._word(start, len(self.strings)))
         return words
 
-    def _starts_word(self, i: int, word_start: int, split_punctuation: bool) -> bool:
-        s = self.strings[i]
-        if "".join(self.strings[word_start:i]).isspace():
+    def _word(self, start: int, end: int) -> Word:
+        logprob = math.fsum(self.logprobs[start:end])
+        return Word("".join(self.strings[start:end]), start, end, logprob, -logprob / LN2)
+
+    @staticmethod
+    def _starts_word(s: str, blank_so_far: bool, split_punctuation: bool) -> bool:
+        if blank_so_far:
             return False  # only whitespace so far: this token completes that word
         if s[:1].isspace():
             return True
         return split_punctuation and bool(s) and not s[0].isalnum() and s[0] != "\ufffd"
 
 
-def score(model: GPT2, text_or_ids, *, bos: bool = True, stride: int | None = None) -> TokenScores:
+def score(
+    model: GPT2,
+    text_or_ids,
+    *,
+    bos: bool = True,
+    stride: int | None = None,
+    progress: bool = False,
+) -> TokenScores:
     """Every token's log-prob and surprisal; see `TokenScores` and the module notes on BOS.
 
     Text longer than the context is scored with the sliding window (stride defaults to
@@ -278,7 +339,7 @@ def score(model: GPT2, text_or_ids, *, bos: bool = True, stride: int | None = No
     if is_int(stride) and stride == n_ctx:
         raise GPT2LabError(f"stride must be below n_ctx ({n_ctx}) so that every token is scored")
     max_length, stride = _check_window(model, None, stride, lambda m: max(1, m // 2))
-    lp = sliding_logprobs(model, ids, max_length, stride)[n_bos:]
+    lp = sliding_logprobs(model, ids, max_length, stride, progress=bool(progress))[n_bos:]
     tokens = ids[n_bos:]
     strings = [model.tokenizer.decode([t]) for t in tokens]
     return TokenScores(tokens, strings, lp.tolist())
