@@ -64,6 +64,13 @@ def paths(tmp_path_factory, small_ckpt) -> dict[str, str]:
     made["folder_html"].mkdir()
     made["folder_png"] = root / "folder.png"
     made["folder_png"].mkdir()
+    made["fifo"] = root / "a-fifo"
+    os.mkfifo(made["fifo"])
+    made["loop"] = root / "loop-a"
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    made["jsonl_latin1"] = root / "rows.jsonl"
+    made["jsonl_latin1"].write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
 
     config = json.loads((small_ckpt / "config.json").read_text())
     weights = (small_ckpt / "model.safetensors").read_bytes()
@@ -170,6 +177,9 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "info-dev-null": (["info", "/dev/null"], 1, "/dev/null"),
     "info-proc": (["info", "/proc"], 1, "config.json"),
     "info-unknown-preset": (["info", "gpt9-huge"], 1, "gpt9-huge"),
+    "info-fifo": (["info", "{fifo}"], 1, "a-fifo"),
+    "info-symlink-loop": (["info", "{loop}"], 1, "loop-a"),
+    "info-name-too-long": (["info", "x" * 5000], 1, "too long"),
     # generate: models
     "gen-weights-garbage": (["generate", "hi", "-m", "{weights_garbage}"], 1, "model.safetensors"),
     "gen-header-list": (["generate", "hi", "-m", "{header_list}"], 1, "model.safetensors"),
@@ -254,6 +264,11 @@ CASES: dict[str, tuple[list[str], int, str]] = {
         ["prepare", "{text}", "--out", "{missing}_8", "--field", ""],
         1,
         "field",
+    ),  # fmt: skip
+    "prepare-jsonl-not-utf8": (
+        ["prepare", "{jsonl_latin1}", "--out", "{missing}_9"],
+        1,
+        "rows.jsonl:2 is not UTF-8",
     ),  # fmt: skip
     "prepare-out-is-file": (["prepare", "{text}", "--out", "{file}"], 1, "is a file"),
     "prepare-out-under-file": (["prepare", "{text}", "--out", "{file}/out"], 1, "not a folder"),
