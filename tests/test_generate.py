@@ -4,6 +4,7 @@ penalties, stop strings, streaming, and bad options."""
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -172,11 +173,104 @@ def test_empty_prompt_starts_from_endoftext(ours):
         (dict(max_new_tokens=500), "context"),
         (dict(stop=""), "stop"),
         (dict(nonsense=1), "nonsense"),
+        (dict(seed="a"), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=[[1]]), "stop_token_ids"),
+        (dict(stop_token_ids=[50257]), "stop_token_ids"),
+        (dict(bad_words=5), "bad_words"),
+        (dict(bad_words=[-1]), "bad_words"),
+        (dict(bad_words=[""]), "bad_words"),
+        (dict(bad_words_ids=[[50257]]), "bad_words_ids"),
+        (dict(do_sample="false"), "do_sample"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(max_time=math.nan), "max_time"),
+        (dict(stop_at_eot="no"), "stop_at_eot"),
+        (dict(return_result="yes"), "return_result"),
+        (dict(length_penalty=0.6), "needs beam search"),
+        (dict(num_return_sequences=2), "needs beam search"),
+        (dict(diversity_penalty=1.0), "needs beam search"),
+        (dict(early_stopping=True), "needs beam search"),
+        (dict(num_beams=1.0), "num_beams"),
+        (dict(use_cache=False), "use_cache"),
+        (dict(eos_token_id=5), "eos_token_id"),
+        (dict(num_beams=2, temperature=0.7), "does not sample"),
+        (dict(num_beams=2, length_penalty=math.nan), "length_penalty"),
     ],
 )
 def test_bad_options_are_clear_errors(ours, options, message):
-    with pytest.raises(GPT2LabError, match=message):
+    with pytest.raises(GPT2LabError, match=message) as err:
         ours.generate("Hello", **options)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([], "prompt"),
+        ([1, True], "prompt"),
+        ([2**70], "token ids"),
+        ([-1], "token ids"),
+        (torch.tensor([1.0, 2.0]), "integer tensor"),
+        (torch.zeros(0, dtype=torch.long), "prompt"),
+        (b"Hello", "prompt"),
+    ],  # fmt: skip
+)
+def test_bad_prompts_are_clear_errors(ours, prompt, message):
+    with pytest.raises(GPT2LabError, match=message):
+        ours.generate(prompt, max_new_tokens=2)
+
+
+def test_transformers_defaults_are_accepted_as_no_ops(ours):
+    """What HF code passes to generate() as a matter of course changes nothing."""
+    plain = ours.generate(PROMPTS, max_new_tokens=8, return_result=True).tokens
+    defaults = dict(
+        num_beams=1, num_beam_groups=1, num_return_sequences=1, length_penalty=1.0,
+        diversity_penalty=0.0, early_stopping=False, do_sample=False, use_cache=True,
+        output_scores=False, return_dict_in_generate=False, pad_token_id=EOT, eos_token_id=EOT,
+        repetition_penalty=1.0, no_repeat_ngram_size=0,
+    )  # fmt: skip
+    assert ours.generate(PROMPTS, max_new_tokens=8, return_result=True, **defaults).tokens == plain
+    streamed = ours.stream(PROMPTS[0], max_new_tokens=8, num_beams=1, length_penalty=1.0)
+    assert "".join(streamed) == ours.generate(PROMPTS[0], max_new_tokens=8)
+    # with beams, the sampling options at values that change nothing
+    beams = ours.generate("Hello", max_new_tokens=6, num_beams=3, return_result=True).tokens
+    assert beams == ours.generate(
+        "Hello", max_new_tokens=6, num_beams=3, return_result=True, do_sample=False,
+        temperature=1.0, top_p=1.0, top_k=0,
+    ).tokens  # fmt: skip
+
+
+def test_seeds_cover_the_whole_range(ours):
+    for seed in (0, 2**63, 2**64 - 1):
+        first = ours.generate("Hello", max_new_tokens=4, do_sample=True, seed=seed)
+        assert first == ours.generate("Hello", max_new_tokens=4, do_sample=True, seed=seed)
+
+
+def test_tiny_temperatures_sample_the_best_token(ours):
+    """A denormal temperature (1e-45 overflows float32 logits to inf, and 5e-324 is 0 in
+    float32) picks the top token, like greedy search, instead of failing in torch."""
+    greedy = ours.generate(PROMPTS, max_new_tokens=8, return_result=True).tokens
+    for temperature in (1e-45, 5e-324, 1e-30):
+        got = ours.generate(
+            PROMPTS, max_new_tokens=8, temperature=temperature, seed=0, return_result=True
+        ).tokens
+        assert got == greedy
+
+
+def test_a_single_bad_word_string_is_one_word(ours):
+    """bad_words="..." bans that word (not each of its characters)."""
+    plain = ours.generate("Hello", max_new_tokens=12, return_result=True).tokens[0]
+    word = ours.tokenizer.decode(plain[:2])
+    banned = ours.generate("Hello", max_new_tokens=12, bad_words=word, return_result=True)
+    assert (
+        banned.tokens
+        == ours.generate("Hello", max_new_tokens=12, bad_words=[word], return_result=True).tokens
+    )
+    assert banned.tokens[0][:2] != plain[:2]
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.6])

@@ -153,3 +153,19 @@ def test_generate_until_matches_greedy_transformers(hf_small, small_ckpt):
         assert cut < len(text) // 2 + 3
     assert got[:3] == want
     assert got[3] == full[0]
+
+
+def test_dtype_int8_means_int8_weights(small_ckpt):
+    """model_args dtype=int8, as documented: int8 weights with bf16 compute."""
+    from gpt2lab.quantize import is_quantized
+
+    lm = GPT2LabLM(pretrained=str(small_ckpt), dtype="int8")
+    assert is_quantized(lm.model) and lm.model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "two", "0"])
+def test_bad_batch_sizes_are_clear_errors(small_ckpt, value):
+    from gpt2lab import GPT2LabError
+
+    with pytest.raises(GPT2LabError, match="batch_size"):
+        GPT2LabLM(pretrained=str(small_ckpt), batch_size=value)

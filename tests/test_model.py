@@ -363,6 +363,54 @@ def test_bad_tokens_and_lengths_are_clear_errors(pair):
         ours(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
+def test_position_ids_and_logits_to_keep_are_checked(pair):
+    """position_ids are [batch, T], [1, T] or [T] (the latter two broadcast over the
+    batch), non-negative and inside the context; logits_to_keep >= 0, past T means all."""
+    ours, _ = pair
+    x = tokens(2, 5)
+    plain = ours(x)
+    positions = torch.arange(5)
+    for p in (positions, positions[None], positions.expand(2, 5)):
+        assert torch.equal(ours(x, position_ids=p), plain)
+    for bad in (positions.expand(3, 5), positions[:4], positions - 1, positions + ours.cfg.n_ctx):
+        with pytest.raises(gl.GPT2LabError, match="position_ids"):
+            ours(x, position_ids=bad)
+    with pytest.raises(gl.GPT2LabError, match="position_ids"):
+        ours(x, position_ids=positions.float())
+    assert torch.equal(ours(x, logits_to_keep=2), plain[:, -2:])
+    assert torch.equal(ours(x, logits_to_keep=99), plain)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(gl.GPT2LabError, match="logits_to_keep"):
+            ours(x, logits_to_keep=bad)
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda m: m([]), "non-empty list"),
+        (lambda m: m(torch.zeros(0, 3, dtype=torch.long)), "empty"),
+        (lambda m: m(torch.zeros(2, 0, dtype=torch.long)), "empty"),
+        (lambda m: m(torch.tensor([[1.0, 2.0]])), "integer tensor"),
+        (lambda m: m(torch.tensor([[1]]), attention_mask=[[1]]), "attention_mask"),
+        (lambda m: m(torch.tensor([[1]]), cache="cache"), "KVCache"),
+        (lambda m: m(torch.tensor([[1]]), stop_at_layer=m.cfg.n_layers + 1), "stop_at_layer"),
+        (lambda m: m(torch.tensor([[1]]), stop_at_layer="1"), "stop_at_layer"),
+        (lambda m: m.new_cache(0), "batch"),
+        (lambda m: m.new_cache(1.5), "batch"),
+        (lambda m: m.new_cache(1, 0), "max_len"),
+        (lambda m: m.new_cache(1, m.cfg.n_ctx + 1), "exceeds the context"),
+        (lambda m: m.new_cache(batch=10**9), "would need .* of memory"),
+        (lambda m: m.to_tokens(5), "string"),
+        (lambda m: m.to_tokens(["a", 5]), "string"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(pair, call, words):
+    ours, _ = pair
+    with pytest.raises(gl.GPT2LabError, match=words) as err:
+        call(ours)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_gpt2_medium_dimensions_match_transformers(tmp_path):

@@ -275,6 +275,16 @@ def test_token_logprobs_are_float32_for_a_bf16_model(pair):
         (lambda m: m.perplexity([1, 2, 99999]), "token ids"),
         (lambda m: m.score("", bos=True), "empty"),
         (lambda m: m.score("x " * 100, stride=N_CTX), "stride"),
+        (lambda m: m.perplexity(b"some bytes here"), "bytes"),
+        (lambda m: m.score(bytearray(b"some bytes")), "bytes"),
+        (lambda m: m.perplexity([1, 2.5, 3]), "integers"),
+        (lambda m: m.perplexity([1, True, 3]), "integers"),
+        (lambda m: m.perplexity(torch.tensor([1.0, 2.0, 3.0])), "integers"),
+        (lambda m: m.perplexity({1: 2, 3: 4}), "dict"),
+        (lambda m: m.perplexity("some text here", stride=True), "stride"),
+        (lambda m: m.perplexity("some text here", bos="no"), "bos"),
+        (lambda m: m.perplexity("some text here", return_details="yes"), "return_details"),
+        (lambda m: m.choose("context", [" a"], bos=1), "bos"),
     ],
 )
 def test_bad_input_raises_one_clear_error(pair, call, words):
@@ -282,3 +292,17 @@ def test_bad_input_raises_one_clear_error(pair, call, words):
     with pytest.raises(gl.GPT2LabError, match=words) as err:
         call(ours)
     assert "\n" not in str(err.value)
+
+
+def test_token_ids_in_every_accepted_form_score_the_same(pair):
+    """str, list, tuple, range, a numpy array and 1-D / [1, pos] integer tensors."""
+    import numpy as np
+
+    ours, _ = pair
+    ids = ours.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    expected = ours.perplexity(ids)
+    assert ours.perplexity("The quick brown fox jumps over the lazy dog") == expected
+    for form in (tuple(ids), np.array(ids), torch.tensor(ids), torch.tensor([ids]),
+                 torch.tensor(ids, dtype=torch.int32)):  # fmt: skip
+        assert ours.perplexity(form) == expected
+    assert ours.perplexity(range(100, 110)) == ours.perplexity(list(range(100, 110)))

@@ -159,22 +159,25 @@ def _accept_defaults(model: GPT2, opts: dict[str, Any]) -> None:
     `pad_token_id` / `eos_token_id` as HF GPT-2 code passes them (padding never shows in
     gpt2lab's outputs; the end token is <|endoftext|>)."""
     for key, default in BEAM_DEFAULTS.items():
-        if key in opts:
-            value = opts.pop(key)
-            if key == "num_beams":
-                integer("num_beams", value, 1)
-            if not _same(value, default):
-                raise GPT2LabError(
-                    f"{key}={show(value)} needs beam search (num_beams > 1); without beams only "
-                    f"{key}={default!r} is accepted"
-                )
+        value = opts.pop(key, None)  # None means the default, as in transformers
+        if value is None:
+            continue
+        if key == "num_beams":
+            integer("num_beams", value, 1)
+        if not _same(value, default):
+            raise GPT2LabError(
+                f"{key}={show(value)} needs beam search (num_beams > 1); without beams only "
+                f"{key}={default!r} is accepted"
+            )
     for key, default in OTHER_DEFAULTS.items():
-        if key in opts and not _same(opts.pop(key), default):
+        value = opts.pop(key, None)
+        if value is not None and not _same(value, default):
             raise GPT2LabError(f"{key} is not supported other than at its default, {default!r}")
-    if "pad_token_id" in opts:
-        integer("pad_token_id", opts.pop("pad_token_id"), 0, model.cfg.d_vocab - 1)
-    if "eos_token_id" in opts:
-        eos = opts.pop("eos_token_id")
+    pad = opts.pop("pad_token_id", None)
+    if pad is not None:
+        integer("pad_token_id", pad, 0, model.cfg.d_vocab - 1)
+    eos = opts.pop("eos_token_id", None)
+    if eos is not None:
         if token_ids("eos_token_id", eos, model.cfg.d_vocab, allow_one=True) != [
             model.tokenizer.eot_token
         ]:
@@ -446,8 +449,9 @@ def _given(value: Any, unset: Any = None) -> bool:
 def _wants_beams(options: dict[str, Any]) -> bool:
     """Beam search: num_beams or num_beam_groups other than 1 (invalid values included, so
     that beam search reports them)."""
-    return not (
-        _same(options.get("num_beams", 1), 1) and _same(options.get("num_beam_groups", 1), 1)
+    return any(
+        options.get(k) is not None and not _same(options[k], 1)
+        for k in ("num_beams", "num_beam_groups")
     )
 
 
@@ -506,8 +510,8 @@ def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> Gener
     """Beam search (beam.py) with the same processors; one result per returned sequence."""
     from .beam import beam_search
 
-    beam = {k: options.pop(k) for k in BEAM_OPTIONS if k in options}
-    n = integer("num_beams", beam.get("num_beams", 1), 1)
+    beam = {k: options.pop(k) for k in BEAM_OPTIONS if options.get(k) is not None}
+    n = beam["num_beams"] = integer("num_beams", beam.get("num_beams", 1), 1)
     for key, no_op in SAMPLING_NO_OPS.items():  # accepted where they change nothing
         value = options.pop(key, None)
         if value is not None and not _same(value, no_op):

@@ -105,11 +105,12 @@ class TemperatureWarper(LogitsProcessor):
 
     Temperature 0 is greedy decoding, which is not a distribution; ask for it by not
     sampling rather than through this warper. Below COLD (1e-4) the best score of each
-    row is first moved to 0: dividing by a tiny temperature (1e-45 is a float32
-    denormal) would otherwise overflow to +inf and the softmax to NaN. After the shift
-    every score is <= 0 and at worst becomes -inf, so the distribution goes to its limit,
-    all mass on the best token(s). Softmax and every later warper are unchanged by the
-    shift; at COLD and above the division is exactly transformers'."""
+    row is first moved to 0 and only the others are divided: dividing by a tiny
+    temperature would otherwise overflow to +inf (and the softmax to NaN), and one below
+    float32's range (5e-324) is 0 in float32. After the shift every score is 0 or
+    negative and at worst becomes -inf, so the distribution goes to its limit, all mass
+    on the best token(s). Softmax and every later warper are unchanged by the shift; at
+    COLD and above the division is exactly transformers'."""
 
     COLD = 1e-4
 
@@ -117,9 +118,10 @@ class TemperatureWarper(LogitsProcessor):
         self.temperature = _positive("temperature", temperature)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.temperature < self.COLD:
-            scores = scores - scores.amax(dim=-1, keepdim=True)
-        return scores / self.temperature
+        if self.temperature >= self.COLD:
+            return scores / self.temperature
+        shifted = scores - scores.amax(dim=-1, keepdim=True)
+        return torch.where(shifted < 0, shifted / self.temperature, shifted)
 
 
 class TopKWarper(LogitsProcessor):
