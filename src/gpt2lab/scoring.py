@@ -44,7 +44,7 @@ import torch
 
 from .errors import GPT2LabError
 from .model import TOKEN_DTYPES, left_pad
-from .validate import boolean, is_int, show
+from .validate import boolean, check_memory, is_int, show
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -83,6 +83,7 @@ def token_logprobs(
         if not 0 < len(cont) <= n_ctx:
             raise GPT2LabError(f"a continuation must have 1..{n_ctx} tokens, got {len(cont)}")
         rows.append((list(prefix) + list(cont))[-(n_ctx + 1) :][:-1])
+    _check_memory(model, rows, max(len(c) for c in continuations))
 
     tokens, mask = left_pad(rows, model.tokenizer.eot_token)
     padded = not bool(mask.all())
@@ -103,6 +104,20 @@ def token_logprobs(
         if top is not None:
             greedy.append((top[i, keep - len(cont) :] == target).cpu())
     return logprobs, greedy
+
+
+def _check_memory(model: GPT2, rows: list[list[int]], keep: int) -> None:
+    """Refuse a batch whose forward pass would not fit in memory, before running it: per
+    row, three float32 [keep, vocab] buffers (logits, their float32 copy, log-softmax)
+    and a layer's activations ([pos, d_mlp] and a few [pos, d_model], twice over)."""
+    cfg, width = model.cfg, max(len(r) for r in rows)
+    per_row = 3 * keep * cfg.d_vocab * 4 + 2 * width * (cfg.d_mlp + 4 * cfg.d_model) * 4
+    check_memory(
+        f"scoring {len(rows)} rows of up to {width} tokens at once",
+        len(rows) * per_row,
+        model.device,
+        hint="score fewer options or shorter texts at a time",
+    )
 
 
 # ---- sliding window -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from importlib import resources
 import tiktoken
 
 from .errors import GPT2LabError
+from .validate import boolean, integer
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|...).
@@ -68,16 +69,17 @@ class Tokenizer:
         """Token ids for `text`; with `allow_special`, "<|endoftext|>" becomes id 50256."""
         if not isinstance(text, str):
             raise GPT2LabError(f"encode expects a string, got {type(text).__name__}")
-        if allow_special:
+        if boolean("allow_special", allow_special):
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode_ordinary(text)
 
     def encode_batch(
         self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 2
     ) -> list[list[int]]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise GPT2LabError("encode_batch expects a list of strings")
-        if allow_special:
+        num_threads = integer("num_threads", num_threads, 1)
+        if boolean("allow_special", allow_special):
             return self._enc.encode_batch(
                 list(texts), num_threads=num_threads, allowed_special="all"
             )
