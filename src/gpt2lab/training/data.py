@@ -33,6 +33,7 @@ batches an uninterrupted single-process run would have seen.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,7 +42,6 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +59,17 @@ EXAMPLES = 5  # skipped paths named per kind in the manifest
 
 
 # ---- what was left out ------------------------------------------------------------------
-@dataclass
+@dataclasses.dataclass
 class Skipped:
     """Inputs left out of a dataset, by kind, with a few example paths each."""
 
-    binary: list[str] = field(default_factory=list)  # binary or not UTF-8
-    datasets: list[str] = field(default_factory=list)  # folders holding a gpt2lab dataset
-    hidden: list[str] = field(default_factory=list)  # hidden files and folders in a folder walk
+    binary: list[str] = dataclasses.field(default_factory=list)  # binary or not UTF-8
+    datasets: list[str] = dataclasses.field(
+        default_factory=list
+    )  # folders holding a gpt2lab dataset
+    hidden: list[str] = dataclasses.field(
+        default_factory=list
+    )  # hidden files and folders in a folder walk
 
     def to_manifest(self) -> dict:
         return {
