@@ -1,7 +1,11 @@
 """The `gpt2lab` command line: one sub-command per job.
 
-Errors a user can cause come out as one line on stderr and exit code 1, never a
-traceback; usage errors are typer's (exit code 2).
+Every failure is one line on stderr, never a traceback: "gpt2lab: error: ..." with exit
+code 1 for what a user can cause (our GPT2LabError, an OS error naming the path, a
+file that is not text, out of memory) and exit code 2 for usage errors (typer's, and
+lm-eval's argparse errors under `gpt2lab eval`); anything else is a bug, reported as
+"gpt2lab: internal error: ..." with exit code 1 (GPT2LAB_DEBUG=1 shows the traceback).
+Outputs (--out) are checked before any work starts.
 """
 
 from __future__ import annotations
