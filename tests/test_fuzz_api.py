@@ -562,6 +562,7 @@ def little_memory(monkeypatch):
         lambda m: list(m.stream("Hello", penalty_alpha=0.5, top_k=50_000, max_new_tokens=2)),
         lambda m: m.new_cache(batch=10**9),
         lambda m: m.new_cache(batch=10**5, max_len=N_CTX),
+        lambda m: m.choose("The", [" a"] * 1000),
     ],
     ids=[
         "beams-1e6",
@@ -572,6 +573,7 @@ def little_memory(monkeypatch):
         "stream",
         "cache-1e9",
         "cache-1e5",
+        "choose",
     ],  # fmt: skip
 )
 def test_requests_that_do_not_fit_are_refused_before_allocating(model, little_memory, call):
