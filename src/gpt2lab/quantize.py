@@ -148,11 +148,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-def _has_pack_mm(device: torch.device, dtype: torch.dtype) -> bool:
+def _has_pack_mm(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
+    """Whether torch's int8 kernel can take this layer. It computes wrong results for an
+    input width that is not a multiple of 16, and crashes the process for an odd one
+    (torch 2.13, CPU): such layers (toy models) take the dequantizing path."""
     return (
         hasattr(torch, "_weight_int8pack_mm")
         and device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and in_features % 16 == 0
     )
 
 
@@ -209,7 +213,7 @@ class Int8Linear(nn.Module):
             bias = self.bias.float() if self.bias is not None else self.q_sum.new_empty(0).float()
             y = gemv(x2, self.q_weight, self.q_sum, self.scales.float(), bias)
             return y.to(dtype).view(*x.shape[:-1], self.out_features)
-        if _has_pack_mm(x.device, dtype):
+        if _has_pack_mm(x.device, dtype, self.in_features):
             shape = x.shape
             y = torch._weight_int8pack_mm(
                 x.reshape(-1, self.in_features).contiguous(), self.q_weight, self.scales
