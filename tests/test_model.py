@@ -443,3 +443,19 @@ def test_masks_cached_under_inference_mode_serve_autograd_later(pair):
     assert ours.wte.weight.grad is not None
     ours.zero_grad(set_to_none=True)
     assert torch.equal(out.detach(), first)
+
+
+def test_building_a_model_checks_memory_first(monkeypatch):
+    # A model bigger than the free memory is a clear error before any allocation, not an
+    # out-of-memory kill. On meta (what load() builds on before reading the file)
+    # nothing is allocated, so nothing is checked.
+    import gpt2lab.validate
+
+    monkeypatch.setattr(gpt2lab.validate, "available_memory", lambda device=None: 1 << 30)
+    cfg = gl.GPT2Config.preset("gpt2-medium")  # 1.42 GB in fp32
+    with pytest.raises(gl.GPT2LabError, match=r"354,823,168 parameters would need 1\.4 GB"):
+        gl.GPT2(cfg)
+    with torch.device("meta"):
+        assert gl.GPT2(cfg).wte.weight.is_meta
+    with pytest.raises(gl.GPT2LabError, match="takes a GPT2Config"):
+        gl.GPT2({"n_layers": 2})

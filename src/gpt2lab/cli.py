@@ -134,7 +134,9 @@ def generate(
         None, "--min-new-tokens", help="no end-of-text before this many"
     ),
     num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams"),
-    length_penalty: float = typer.Option(1.0, "--length-penalty", help="beam score / length**this"),
+    length_penalty: float | None = typer.Option(
+        None, "--length-penalty", help="beam score / length**this (default 1.0)"
+    ),
     penalty_alpha: float | None = typer.Option(
         None, "--penalty-alpha", help="contrastive search degeneration penalty (with --top-k >= 2)"
     ),
@@ -160,7 +162,9 @@ def generate(
     )  # fmt: skip
     options = {k: v for k, v in options.items() if v is not None}
     if num_beams != 1:
-        options.update(num_beams=num_beams, length_penalty=length_penalty)
+        options["num_beams"] = num_beams
+    if length_penalty is not None:  # without beams, the API says it needs them
+        options["length_penalty"] = length_penalty
     if dtype == "int8":  # int8 weights, bf16 compute
         lm = load(model, device=device, quantize="int8")
     else:

@@ -370,6 +370,16 @@ class GPT2(HookedModule):
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
+        if not isinstance(cfg, GPT2Config):
+            raise GPT2LabError(f"GPT2 takes a GPT2Config, got {type(cfg).__name__}")
+        device = torch.get_default_device()
+        if device.type != "meta":  # (load() builds on meta, then checks the file's size)
+            check_memory(
+                f"a GPT-2 of {cfg.n_params:,} parameters",
+                cfg.n_params * torch.get_default_dtype().itemsize,
+                device,
+                hint="use a smaller configuration",
+            )
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)  # also the unembedding (tied)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
