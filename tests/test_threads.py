@@ -239,13 +239,14 @@ def test_persistent_hooks_and_reset(models):
         lambda x: 1.5,
         lambda x: [1.0],
         lambda x: "x",
-        lambda x: x.double(),
         lambda x: x.long(),
+        lambda x: x > 0,
+        lambda x: x.to(torch.complex64),
         lambda x: x[..., :-1],
         lambda x: x.unsqueeze(0),
         lambda x: x.numpy(),
     ],
-    ids=["float", "list", "str", "float64", "int64", "shorter", "extra-axis", "numpy"],
+    ids=["float", "list", "str", "int64", "bool", "complex", "shorter", "extra-axis", "numpy"],
 )
 def test_hooks_returning_the_wrong_thing_are_named(models, returned):
     fp32, _ = models
@@ -300,3 +301,82 @@ def test_remove_batch_dim_needs_a_batch_of_one(models):
     _, cache = fp32.run_with_cache(PROMPTS[0], remove_batch_dim=True, names_filter="hook_embed")
     _, full = fp32.run_with_cache(PROMPTS[0], names_filter="hook_embed")
     assert torch.equal(cache["hook_embed"], full["hook_embed"][0])
+
+
+def test_other_float_dtypes_are_cast_back_except_under_autocast(models):
+    fp32, _ = models
+    x = fp32.to_tokens(PROMPTS[0])
+    direction = DIRECTION.double()
+    with torch.no_grad():
+        ref = fp32.run_with_hooks(x, fwd_hooks=[(STEER, lambda a, h: a + direction.float())])
+        got = fp32.run_with_hooks(x, fwd_hooks=[(STEER, lambda a, h: a.double() + direction)])
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        # under autocast activations are bf16 and fp32 ones are normal: left as they are
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = fp32.run_with_hooks(x, fwd_hooks=[("blocks.0.attn.hook_z", lambda a, h: a.float())])
+        assert torch.isfinite(z).all()
+
+
+def test_blocks_inside_interleaved_generators_keep_to_themselves(models):
+    # Two generators, each holding a hooks() block across its yields, stepped in turn
+    # in one thread. Stepped in a context of their own each (as `stream` runs), every
+    # step sees its own block's hooks only; stepped in the caller's context, a step sees
+    # every block open in it (Python shares one context between a thread's generators),
+    # but a block ending never takes another's hooks with it. None survive.
+    import contextvars
+
+    fp32, _ = models
+    seen: list[str] = []
+
+    def steps(label):
+        with fp32.hooks([("hook_embed", lambda x, h: seen.append(label))]):
+            for _ in range(2):
+                fp32(fp32.to_tokens("a"))
+                seen.append("|")
+                yield
+
+    a, b = steps("A"), steps("B")
+    ctx_a, ctx_b = contextvars.copy_context(), contextvars.copy_context()
+    for gen, ctx in [(a, ctx_a), (b, ctx_b)] * 3:
+        ctx.run(next, gen, None)
+    assert "".join(seen) == "A|B|A|B|"
+    seen.clear()
+    a, b = steps("A"), steps("B")
+    for gen in (a, b, a, b, a, b):
+        next(gen, None)
+    assert "".join(seen) == "A|AB|AB|AB|"
+    seen.clear()
+    fp32(fp32.to_tokens("a"))
+    assert seen == [] and not any(hp.fns for hp in fp32.hook_dict.values())
+
+
+def test_a_block_ended_in_another_thread_leaves_no_hooks_behind(models):
+    # A generator opened its block in one thread and was finished in another: the
+    # first thread must not keep running the finished block's hooks.
+    fp32, _ = models
+    seen: list[int] = []
+
+    def steps():
+        with fp32.hooks([("hook_embed", lambda x, h: seen.append(1))]):
+            yield
+            yield
+
+    gen = steps()
+    ran_in_first: list[bool] = []
+    first = threading.Thread(target=lambda: next(gen))
+    first.start()
+    first.join()
+    last = threading.Thread(target=lambda: (next(gen), next(gen, None)))
+    last.start()
+    last.join()
+
+    def later_in_first_thread():  # a fresh thread stands in for a reused pool thread
+        fp32(fp32.to_tokens("a"))
+        ran_in_first.append(bool(seen))
+
+    with torch.no_grad():
+        t = threading.Thread(target=later_in_first_thread)
+        t.start()
+        t.join()
+    assert ran_in_first == [False]

@@ -9,19 +9,26 @@ it is one context-variable read, so the model pays (almost) nothing for having t
 Why hooks live in a context variable and not on the module: one model is shared by
 many threads (a server, a notebook running a steering sweep while another cell
 generates). Hooks attached by `with model.hooks(...)`, `run_with_hooks` and
-`run_with_cache` belong to the call that attached them: they are kept in a
-`contextvars.ContextVar` (per thread, per asyncio task), so a concurrent caller of the
-same model never sees them. Only `add_hook` (TransformerLens' persistent hooks) puts a
-hook on the model itself, for every caller, until `reset_hooks()`.
+`run_with_cache` belong to the block that attached them: the block is a `_Scope`, and
+the scopes open in a thread (or asyncio task) are listed in a `contextvars.ContextVar`,
+so a concurrent caller of the same model never sees them. When the block ends, its
+scope is closed for every context that still lists it (a task created inside the block,
+a generator moved to another thread), so a finished block's hooks never run again.
+Only `add_hook` (TransformerLens' persistent hooks) puts a hook on the model itself,
+for every caller, until `reset_hooks()`.
+
+A block's hooks apply where it was opened: a `with model.hooks(...)` around a `yield`
+whose generator is resumed in other threads runs its hooks only in the thread that
+entered it (gpt2lab's own `stream` runs every step in the context it was created in).
 """
 
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -35,18 +42,32 @@ if TYPE_CHECKING:
 HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
 NameOrPredicate = Union[str, Callable[[str], bool]]
 
-# The hooks of the calls in progress in this thread / task: hook point -> functions.
-# Immutable mappings, replaced (never edited) when a scope opens, so a context that
-# copied the mapping (a new asyncio task) cannot be changed behind its back.
-_NO_HOOKS: Mapping[HookPoint, tuple[HookFn, ...]] = MappingProxyType({})
-_scoped: ContextVar[Mapping[HookPoint, tuple[HookFn, ...]]] = ContextVar(
-    "gpt2lab_scoped_hooks", default=_NO_HOOKS
-)
+
+class _Scope:
+    """The hooks of one `hooks()` block: hook point -> functions. `reset_hooks()` inside
+    the block replaces it, in its context, by a filtered copy that shares its `root`:
+    a scope is live while its root block is open."""
+
+    __slots__ = ("hooks", "root", "open")
+
+    def __init__(self, hooks: dict[HookPoint, tuple[HookFn, ...]], root: _Scope | None = None):
+        self.hooks = hooks
+        self.root = self if root is None else root
+        self.open = True
+
+
+# The hook scopes of this thread / task, outer first (a tuple: replaced, never edited,
+# so a context that copied it cannot be changed behind its back).
+_scopes: ContextVar[tuple[_Scope, ...]] = ContextVar("gpt2lab_hook_scopes", default=())
+# Blocks open anywhere in the process. While there are none, a hook point does not even
+# read the context variable (and torch.compile traces it without a graph break).
+_open_blocks = 0
+_lock = threading.Lock()  # for _open_blocks and the persistent hooks' read-modify-write
 
 
 class HookPoint(nn.Module):
     """An identity layer that runs the functions attached to it, in order: the model's
-    persistent hooks (`add_hook`), then those of the enclosing `hooks()` scopes, outer
+    persistent hooks (`add_hook`), then those of the enclosing `hooks()` blocks, outer
     first."""
 
     def __init__(self) -> None:
@@ -57,11 +78,12 @@ class HookPoint(nn.Module):
     @property
     def fns(self) -> tuple[HookFn, ...]:
         """The functions that run here for the current caller."""
-        scoped = _scoped.get()
-        if not scoped:
-            return self.persistent
-        mine = scoped.get(self)
-        return self.persistent + mine if mine else self.persistent
+        fns = self.persistent
+        if _open_blocks:
+            for scope in _scopes.get():
+                if scope.root.open and (mine := scope.hooks.get(self)):
+                    fns += mine
+        return fns
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         fns = self.fns
@@ -74,19 +96,25 @@ class HookPoint(nn.Module):
         return x
 
     def _checked(self, out: Any, x: torch.Tensor, fn: HookFn) -> torch.Tensor:
-        """A hook's replacement must be a drop-in for the activation: same shape, dtype
-        and device (a float64 or integer tensor would fail later, deep in a matmul, with
-        an error that names neither the hook nor the point)."""
+        """A hook's replacement must be a drop-in for the activation: a tensor of the same
+        shape and device (anything else fails later, deep in a matmul, with an error that
+        names neither the hook nor the point). Another float dtype is cast back (a float64
+        steering vector added to a float32 activation), except under autocast, where
+        mixed float dtypes are what autocast itself produces and resolves."""
         what = getattr(fn, "__name__", type(fn).__name__)
         if not isinstance(out, torch.Tensor):
             raise GPT2LabError(
                 f"hook {what} on {self.name} returned a {type(out).__name__}; a hook returns "
                 "None or a tensor like its input"
             )
-        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-            got = f"{tuple(out.shape)} {out.dtype} on {out.device}"
-            want = f"{tuple(x.shape)} {x.dtype} on {x.device}"
-            raise GPT2LabError(f"hook {what} on {self.name} returned {got}, expected {want}")
+        floats = out.is_floating_point() and x.is_floating_point()
+        if out.dtype != x.dtype and floats and not torch.is_autocast_enabled(x.device.type):
+            out = out.to(x.dtype)
+        if out.shape != x.shape or out.device != x.device or (out.dtype != x.dtype and not floats):
+            raise GPT2LabError(
+                f"hook {what} on {self.name} returned {tuple(out.shape)} {out.dtype} on "
+                f"{out.device}, expected {tuple(x.shape)} {x.dtype} on {x.device}"
+            )
         return out
 
     @property
@@ -95,13 +123,15 @@ class HookPoint(nn.Module):
 
     def add(self, fn: HookFn) -> None:
         """Attach `fn` for every caller (a persistent hook)."""
-        self.persistent = (*self.persistent, fn)
+        with _lock:
+            self.persistent = (*self.persistent, fn)
 
     def remove(self, fn: HookFn) -> None:
-        if fn in self.persistent:
-            fns = list(self.persistent)
-            fns.remove(fn)
-            self.persistent = tuple(fns)
+        with _lock:
+            if fn in self.persistent:
+                fns = list(self.persistent)
+                fns.remove(fn)
+                self.persistent = tuple(fns)
 
     def extra_repr(self) -> str:
         return self.name
@@ -161,13 +191,17 @@ class HookedModule(nn.Module):
 
     def reset_hooks(self) -> None:
         """Remove the persistent hooks, and the hooks this caller's enclosing `hooks()`
-        scopes attached to this model (until those scopes end; other threads keep theirs)."""
-        for hp in self.hook_dict.values():
-            hp.persistent = ()
-        scoped = _scoped.get()
-        if scoped:
+        blocks attached to this model (until those blocks end; other threads keep theirs)."""
+        with _lock:
+            for hp in self.hook_dict.values():
+                hp.persistent = ()
+        scopes = _scopes.get()
+        if scopes:
             mine = set(self.hook_dict.values())
-            _scoped.set(MappingProxyType({hp: f for hp, f in scoped.items() if hp not in mine}))
+            _scopes.set(tuple(
+                _Scope({hp: f for hp, f in s.hooks.items() if hp not in mine}, s.root)
+                for s in scopes if s.root.open
+            ))  # fmt: skip
 
     @contextmanager
     def hooks(
@@ -183,19 +217,23 @@ class HookedModule(nn.Module):
         gradient of the loss with respect to the activation at that point when
         `.backward()` runs inside the block.
         """
+        global _open_blocks
         pairs = self._pairs(fwd_hooks, "fwd_hooks")
         pairs += [(hp, _backward_hook(fn)) for hp, fn in self._pairs(bwd_hooks, "bwd_hooks")]
-        scoped = dict(_scoped.get())
+        attached: dict[HookPoint, tuple[HookFn, ...]] = {}
         for hp, fn in pairs:
-            scoped[hp] = (*scoped.get(hp, ()), fn)
-        token = _scoped.set(MappingProxyType(scoped))
+            attached[hp] = (*attached.get(hp, ()), fn)
+        scope = _Scope(attached)
+        with _lock:
+            _open_blocks += 1
+        _scopes.set((*_scopes.get(), scope))
         try:
             yield
         finally:
-            try:
-                _scoped.reset(token)
-            except ValueError:  # exited in another context than entered (a generator moved)
-                _scoped.set(token.old_value if token.old_value is not token.MISSING else _NO_HOOKS)
+            scope.open, scope.hooks = False, {}  # closed in every context that lists it
+            with _lock:
+                _open_blocks -= 1
+            _scopes.set(tuple(s for s in _scopes.get() if s.root.open))
 
     def run_with_hooks(
         self,
