@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 import gpt2lab as gl
+from gpt2lab.checkpoint import save as save_model
+from gpt2lab.model import GPT2
 from gpt2lab.training import rundir, trainer
 from gpt2lab.training.config import load_config
 from gpt2lab.training.data import prepare
@@ -92,15 +94,20 @@ def reference(tmp_path_factory, corpus) -> Path:
     return out
 
 
-@pytest.fixture
-def interrupted(tmp_path, reference) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(reference, out)
+def interrupt(out: Path) -> Path:
+    """A finished 4-step run as a kill after the checkpoint of step 3 would leave it."""
     for name in ("step_0000004.pt", "step_0000004.pt.sha256"):
         (out / "checkpoints" / name).unlink()
     shutil.rmtree(out / "final")
     (out / "report.json").unlink()
     return out
+
+
+@pytest.fixture
+def interrupted(tmp_path, reference) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    return interrupt(out)
 
 
 # ---- the CLI, in process (the same handler as `gpt2lab`, without a new interpreter) -------
@@ -307,11 +314,48 @@ def test_resume_refuses_other_trajectory_settings(change, interrupted, corpus):
     assert key in str(error.value) and STEP3 in str(error.value)
 
 
+def test_resume_takes_the_same_data_from_another_folder(interrupted, reference, corpus, tmp_path):
+    """The data counts by what it is (its manifest), not where it is."""
+    moved = tmp_path / "moved" / "data"
+    shutil.copytree(corpus, moved)
+    trainer.train(config(interrupted, moved), resume=True)
+    assert_same_weights(interrupted, reference)
+
+
 def test_resume_refuses_other_data(interrupted, corpus, tmp_path):
+    src = tmp_path / "other_src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"doc{i}.txt").write_text(TEXT.upper() * (i + 2))
     other = tmp_path / "other_data"
-    shutil.copytree(corpus, other)
-    with pytest.raises(gl.GPT2LabError, match="data.dir"):
+    prepare([src], other, val_fraction=0.2, seed=0, progress=False)
+    with pytest.raises(gl.GPT2LabError, match="data.manifest_sha256") as error:
         trainer.train(config(interrupted, other), resume=True)
+    assert "data.dir" not in str(error.value)
+
+
+def test_resume_compares_the_starting_weights_not_their_folder(tmp_path, corpus):
+    """Fine-tuning: init_from counts by the weights it holds. The same weights in another
+    folder resume bit-identically; other weights, or none (from scratch), are refused."""
+
+    def base(folder: str, seed: int) -> Path:
+        model = GPT2(config(tmp_path, corpus).model_config()).init_weights(seed=seed)
+        save_model(model, tmp_path / folder)
+        return tmp_path / folder
+
+    first = base("base", seed=0)
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    for out in (reference, run):
+        trainer.train(config(out, corpus, f"model.init_from='{first}'"))
+    interrupt(run)
+    moved = first.rename(tmp_path / "moved")
+    trainer.train(config(run, corpus, f"model.init_from='{moved}'"), resume=True)
+    assert_same_weights(run, reference)
+
+    interrupt(run)
+    for init in (f"model.init_from='{base('other', seed=1)}'", "model.init_from=''"):
+        with pytest.raises(gl.GPT2LabError, match="model.init_weights_sha256"):
+            trainer.train(config(run, corpus, init), resume=True)
 
 
 def test_resume_allows_cadence_changes_and_stays_bit_identical(interrupted, reference, corpus):
@@ -411,6 +455,58 @@ def test_skip_stops_after_the_limit_in_a_row(tmp_path, corpus, monkeypatch):
     with pytest.raises(gl.GPT2LabError, match="step 3: 2 non-finite steps in a row"):
         trainer.train(config(tmp_path, corpus, "train.nonfinite='skip'", "train.nonfinite_limit=2"))
     assert not (tmp_path / "final").exists()
+
+
+NOTED_RUNS = {
+    # (settings, poisoned steps): a run whose log gets notes while it trains
+    "skip": (["train.nonfinite='skip'", "train.nonfinite_limit=3"], {2, 3}),
+    "ln-free": (["train.recipe='ln-free'", "train.ln_free_start=1", "train.ln_free_gap=1",
+                 "train.max_steps=6"], set()),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(NOTED_RUNS))
+def test_a_resumed_run_logs_every_note_exactly_once(kind, tmp_path, corpus, monkeypatch):
+    """Killed while computing step 4, after the checkpoint of step 3 (a skipped step in
+    the "skip" run; LN-removal sites switched at steps 2, 3 and 4 in the "ln-free" one),
+    then resumed: the log holds each note and metrics record of the uninterrupted run
+    once, at the same step, and the weights are bit-identical."""
+    extra, poisoned = NOTED_RUNS[kind]
+    clean_loss = trainer.cross_entropy
+    monkeypatch.setattr(trainer, "cross_entropy", clean_loss)
+    poison(monkeypatch, poisoned)
+    trainer.train(config(tmp_path / "reference", corpus, *extra))
+
+    real_step = trainer.Trainer._forward_backward
+
+    def killed_in_step_4(self):
+        if self.step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(trainer, "cross_entropy", clean_loss)
+    poison(monkeypatch, poisoned)  # the resumed run computes step 4 only: call 4, clean
+    monkeypatch.setattr(trainer.Trainer, "_forward_backward", killed_in_step_4)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config(out, corpus, *extra))
+    monkeypatch.setattr(trainer.Trainer, "_forward_backward", real_step)
+    trainer.train(config(out, corpus, *extra), resume=True)
+
+    def notes(run: Path) -> list[tuple[int, str]]:
+        return [(r["step"], r["note"]) for r in log_records(run)
+                if "note" in r and not r["note"].startswith("resumed:")]  # fmt: skip
+
+    def steps(run: Path) -> list[int]:
+        return [r["step"] for r in log_records(run) if "loss" in r]
+
+    expected = notes(tmp_path / "reference")
+    wanted = {"skip": ["update skipped"] * 2, "ln-free": ["ln-free: "] * 5 + ["held-out loss"]}
+    found = [w for w, (_, note) in zip(wanted[kind], expected, strict=True) if w in note]
+    assert found == wanted[kind]  # the reference logged the notes this test is about
+    assert notes(out) == expected
+    assert steps(out) == steps(tmp_path / "reference") == list(range(1, len(steps(out)) + 1))
+    assert_same_weights(out, tmp_path / "reference")
 
 
 def test_cli_huge_learning_rate_exits_1_without_a_model(tmp_path, corpus, empty_toml, capsys):

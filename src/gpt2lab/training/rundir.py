@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..errors import GPT2LabError
+from ..errors import GPT2LabError, first_line
 
 CKPT_DIR = "checkpoints"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -45,19 +45,6 @@ RUN_DIRS = ("final", "best", "tensorboard")
 
 class CheckpointError(GPT2LabError):
     """A step checkpoint that cannot be used: empty, truncated, corrupt or incomplete."""
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one short line (its type name when the message is empty)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's whole message on one line (for multi-line messages such as
-    load_state_dict's list of mismatches), cut at `limit` characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def os_error_message(e: OSError) -> str:
@@ -285,22 +272,43 @@ MAY_CHANGE = {"train.max_steps", "train.out_dir", "train.device", "train.compile
               "train.nonfinite", "train.nonfinite_limit", "eval.every", "eval.iters",
               "checkpoint.every", "checkpoint.keep", "log.every", "log.tensorboard",
               "log.progress"}  # fmt: skip
+# Paths compared by what they hold instead (see run_identity).
+BY_CONTENT = {"data.dir", "model.init_from"}
 
 
-def _resolved(path: str) -> str:
-    """A path as an absolute path when it exists (so './data' and '/abs/data' match)."""
-    return str(Path(path).resolve()) if path and Path(path).exists() else path
-
-
-def _manifest_digest(data_dir: str) -> str | None:
+def manifest_digest(data_dir: str | Path) -> str | None:
+    """What a prepared dataset is, independent of where it is: the sha256 of its
+    manifest (shard names, token counts, documents), or None when there is none."""
     try:
         return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
     except OSError:
         return None
 
 
-def run_identity(train_config: dict[str, Any], world: int) -> dict[str, Any]:
+def weights_digest(model: torch.nn.Module) -> str:
+    """What a model's weights are, independent of the folder, file format or preset name
+    they were loaded from: the sha256 of every tensor's name, dtype, shape and bytes.
+    About a second per GB, once per start, and only for fine-tuning (`init_from`)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(
+    train_config: dict[str, Any], world: int, content: dict[str, str | None] | None = None
+) -> dict[str, Any]:
     """The settings that determine a run's trajectory, flat ('section.key' -> value).
+
+    The data and the starting weights count by what they are, not where they are:
+    `data.dir` and `model.init_from` are left out, and `content` adds their digests
+    ('data.manifest_sha256': `manifest_digest`, 'model.init_weights_sha256':
+    `weights_digest`, None when training from scratch), so an identical dataset or base
+    model moved to another folder still resumes. A checkpoint written before these were
+    recorded has no `content`: its data and weights are then not compared (a key only one
+    side has is never a difference).
 
     Micro-batches per step are counted over all processes (grad_accum x world), so a
     run started on 2 processes may resume on 1 with double accumulation."""
@@ -310,10 +318,8 @@ def run_identity(train_config: dict[str, Any], world: int) -> dict[str, Any]:
         if isinstance(table, dict)
         for key, value in table.items()
     }
-    identity = {k: v for k, v in flat.items() if k not in MAY_CHANGE}
-    identity["data.dir"] = _resolved(identity.get("data.dir", ""))
-    identity["data.manifest_sha256"] = _manifest_digest(identity["data.dir"])
-    identity["model.init_from"] = _resolved(identity.get("model.init_from", ""))
+    identity = {k: v for k, v in flat.items() if k not in MAY_CHANGE | BY_CONTENT}
+    identity.update(content or {})
     accum = identity.pop("train.grad_accum", 1)
     identity["train.grad_accum*processes"] = accum * world
     lr, min_lr = identity.get("train.lr"), identity.get("train.min_lr")
@@ -379,10 +385,13 @@ def remove_run_files(out_dir: Path) -> list[Path]:
 
 
 def truncate_log(out_dir: Path, step: int) -> int:
-    """Drop log.jsonl records written after the checkpoint of `step` (metrics of later
-    steps, notes from the step being computed, a torn last line), so a resumed run
-    does not log those steps twice. Atomic: the log is rewritten and renamed.
-    Returns the number of lines dropped."""
+    """Drop log.jsonl records of steps after the checkpoint of `step` (their metrics and
+    notes, and a torn last line), so a resumed run, which computes those steps again,
+    does not log them twice. Every record, note or metrics, carries the step it belongs
+    to: step k's record and the notes written while computing step k (a skipped
+    non-finite update, an LN-removal site switched at its start) say k, and all are
+    written before the checkpoint of k, so everything with step <= `step` is kept.
+    Atomic: the log is rewritten and renamed. Returns the number of lines dropped."""
     log = out_dir / "log.jsonl"
     if not log.is_file():
         return 0
@@ -391,7 +400,7 @@ def truncate_log(out_dir: Path, step: int) -> int:
         try:
             record = json.loads(line)
             at = record["step"]
-            keep = at <= step if "note" not in record else at < step
+            keep = isinstance(at, int) and at <= step
         except (ValueError, TypeError, KeyError):
             keep = False
         if keep:

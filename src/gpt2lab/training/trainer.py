@@ -40,7 +40,7 @@ import torch
 
 from ..checkpoint import load as load_checkpoint
 from ..checkpoint import save as save_model
-from ..errors import GPT2LabError
+from ..errors import GPT2LabError, one_line
 from ..model import GPT2
 from . import distributed, recipes, rundir
 from .config import TrainConfig
@@ -115,6 +115,12 @@ class Trainer:
             raise GPT2LabError("train.dtype float16 needs a CUDA device; use bfloat16 on the CPU")
 
         self.model = build_model(cfg, self.ctx.device)
+        # What the run starts from, by content (before anything touches the weights).
+        init = rundir.weights_digest(self.model) if cfg.model.init_from else None
+        content = {
+            "data.manifest_sha256": rundir.manifest_digest(cfg.data.dir),
+            "model.init_weights_sha256": init,
+        }
         self.train_data = TokenShards(cfg.data.dir, "train", self.model.cfg.d_vocab)
         val = TokenShards(cfg.data.dir, "val", self.model.cfg.d_vocab)
         self.val_data = val if val.n_tokens > t.seq_len + 1 else None
@@ -124,7 +130,7 @@ class Trainer:
             )
         _check_fits_in_memory(self.model, cfg, self.ctx.device)
         self.trainable = recipes.select_parameters(self.model, cfg)
-        self.identity = rundir.run_identity(cfg.to_dict(), self.ctx.world)
+        self.identity = rundir.run_identity(cfg.to_dict(), self.ctx.world, content)
 
         self.sigmas: dict[str, float] = {}
         self.schedule: dict[str, int] = {}
@@ -209,6 +215,7 @@ class Trainer:
         candidates = rundir.checkpoints(self.out)[::-1]
         if not candidates:
             raise GPT2LabError(f"--resume: no checkpoint in {self.out / CKPT_DIR}")
+        notes: list[str] = []  # logged at the step resumed from, once it is known
         for path in candidates:
             try:
                 state = rundir.load_state(path)
@@ -219,26 +226,30 @@ class Trainer:
                     raise GPT2LabError(
                         f"{e}; resume with --fallback to continue from the previous good checkpoint"
                     ) from None
-                self._set_aside(path, e)
+                notes += self._set_aside(path, e)
                 continue
             if self.ctx.is_main:
+                # Notes of this resume belong to the step it continues from, so a later
+                # resume from the same checkpoint keeps them (see rundir.truncate_log).
                 dropped = rundir.truncate_log(self.out, self.step)
                 if dropped:
-                    self.notes.append((self.step, f"resumed: dropped {dropped} log records after step {self.step}"))  # fmt: skip
+                    notes.append(f"resumed: dropped {dropped} log records after step {self.step}")  # fmt: skip
+                self.notes += [(self.step, message) for message in notes]
             return
         raise GPT2LabError(
             f"--resume --fallback: no usable checkpoint left in {self.out / CKPT_DIR} "
             "(the damaged ones were moved aside as *.corrupt)"
         )
 
-    def _set_aside(self, path: Path, error: Exception) -> None:
-        """--fallback: keep a damaged checkpoint for inspection, out of the way of resume."""
+    def _set_aside(self, path: Path, error: Exception) -> list[str]:
+        """--fallback: keep a damaged checkpoint for inspection, out of the way of resume.
+        Returns the note for the log ([] on the processes that only skip it)."""
         if not self.ctx.is_main:
-            return  # the main process moves it; the others just skip it
+            return []  # the main process moves it; the others just skip it
         moved = rundir.quarantine(path)
         message = f"{error}; moved it to {moved.name} and trying the previous checkpoint"
         print(f"gpt2lab: warning: {message}", file=sys.stderr)
-        self.notes.append((rundir.step_of(path) or 0, message))
+        return [message]
 
     def _check_same_run(self, state: dict, path: Path) -> None:
         if state["model_config"] != self.model.cfg.to_dict():
@@ -246,7 +257,9 @@ class Trainer:
             theirs = {k: v for k, v in state["model_config"].items() if mine.get(k) != v}
             raise GPT2LabError(f"--resume: {path} was trained with another model shape ({theirs})")
         saved = state.get("identity")
-        if not isinstance(saved, dict):  # written before checkpoints recorded it
+        if not isinstance(saved, dict):
+            # Written before checkpoints recorded their identity: derived from the saved
+            # settings, without the data's and weights' digests (those are not compared).
             saved = rundir.run_identity(state["train_config"], self.ctx.world)
         differences = rundir.identity_differences(saved, self.identity)
         if differences:
@@ -268,12 +281,15 @@ class Trainer:
                 load()
             except Exception as e:
                 raise rundir.CheckpointError(
-                    f"checkpoint {path}: {what} cannot be restored ({rundir.one_line(e)})"
+                    f"checkpoint {path}: {what} cannot be restored ({one_line(e, 300)})"
                 ) from None
         self.step, self.best_val = state["step"], float(state["best_val"])
         self.sigmas, self.report = state["ln_sigmas"], state.get("report", {})
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        # (LN-removal sites are re-applied by the loop from the step)
+        if self.schedule and self.step > 0:
+            # LN-removal sites switched before this step: their notes are in the log
+            # already (kept by truncate_log), so they are re-applied here without one.
+            recipes.apply_ln_schedule(self.model, self.sigmas, self.schedule, self.step - 1)
 
     def save_checkpoint(self) -> None:
         self._check_weights_finite()
@@ -283,13 +299,23 @@ class Trainer:
         rundir.prune(self.out, self.cfg.checkpoint.keep)
 
     def _check_weights_finite(self) -> None:
-        """No NaN/inf weights are ever saved (a finite but huge update can overflow them)."""
-        for name, p in self.model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise GPT2LabError(
-                    f"step {self.step}: the weights are no longer finite ({name}); stopped "
-                    "without saving them. Lower train.lr and start again (--overwrite)"
-                )
+        """No NaN/inf weights are ever saved (a finite but huge update can overflow them).
+
+        One reduction over all parameters and one device sync, not one per parameter:
+        each parameter's largest |value| (the inf-norm is finite exactly when every
+        element is, and unlike the 2-norm it cannot overflow on finite weights). Which
+        parameter is bad is looked up only when one is."""
+        named = [(name, p.detach()) for name, p in self.model.named_parameters() if p.numel()]
+        peaks = torch._foreach_norm([p for _, p in named], math.inf)
+        if torch.isfinite(torch.stack([peak.float() for peak in peaks])).all():
+            return
+        bad = next(
+            name for (name, _), peak in zip(named, peaks, strict=True) if not torch.isfinite(peak)
+        )
+        raise GPT2LabError(
+            f"step {self.step}: the weights are no longer finite ({bad}); stopped "
+            "without saving them. Lower train.lr and start again (--overwrite)"
+        )
 
     # -- measuring --------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, net=None) -> torch.Tensor:
@@ -319,10 +345,11 @@ class Trainer:
         return 6 * n + 12 * c.n_layers * c.d_model * self.cfg.train.seq_len
 
     # -- one step ------------------------------------------------------------------------------
-    def _forward_backward(self) -> float:
-        """Accumulate the gradients of this step's micro-batches; return the step's loss."""
+    def _forward_backward(self) -> list[torch.Tensor]:
+        """Accumulate the gradients of this step's micro-batches; return their losses
+        (each divided by grad_accum), left on the device: `_read_step` reads them."""
         t, ctx = self.cfg.train, self.ctx
-        total = 0.0
+        losses = []
         for micro in range(t.grad_accum):
             index = (self.step * ctx.world + ctx.rank) * t.grad_accum + micro
             x, y = self.train_data.batch(t.batch_size, t.seq_len, t.seed, index)
@@ -330,11 +357,12 @@ class Trainer:
             with nullcontext() if sync else self.net.no_sync():
                 loss = self.loss(x, y) / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
-        return total
+            losses.append(loss.detach())
+        return losses
 
-    def _grad_norm(self) -> float | None:
-        """The gradients' global norm, clipped to train.grad_clip when that is > 0.
+    def _grad_norm(self) -> torch.Tensor | None:
+        """The gradients' global norm (a device tensor, not read here), clipped to
+        train.grad_clip when that is > 0.
 
         None under a float16 GradScaler: there inf gradients are expected now and then,
         and the scaler itself skips those steps."""
@@ -343,24 +371,35 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.train.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            return None if self.scaler else norm.item()
+            return None if self.scaler else norm
         grads = [p.grad.detach() for p in params if p.grad is not None]
         if self.scaler or not grads:
             return None
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g) for g in grads])
-        ).item()
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
-    def _finite(self, loss: float, norm: float | None) -> bool:
-        """Whether this step may update the weights (every process agrees)."""
-        ok = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+    def _read_step(
+        self, losses: list[torch.Tensor], norm: torch.Tensor | None
+    ) -> tuple[float, float | None, bool]:
+        """The step's loss, its gradient norm, and whether it may update the weights
+        (every process agrees).
+
+        The loss and the norm are read from the device together: one sync per step (a
+        GPU runs ahead of the Python loop until then), and under DDP one all_reduce of a
+        single "not finite here" flag, travelling in the same read. The loss is summed
+        on the host in float64, as the losses are logged."""
+        values = torch.stack([v.float() for v in (*losses, *([] if norm is None else [norm]))])
         if self.ctx.enabled:
             import torch.distributed as dist
 
-            flag = torch.tensor([0.0 if ok else 1.0], device=self.ctx.device)
+            flag = (~torch.isfinite(values)).any().float().reshape(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            ok = flag.item() == 0.0
-        return ok
+            values = torch.cat([values, flag])
+        read = values.tolist()
+        loss = sum(read[: len(losses)])
+        grad_norm = None if norm is None else read[len(losses)]
+        if self.ctx.enabled:
+            return loss, grad_norm, read[-1] == 0.0
+        return loss, grad_norm, math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
 
     def _update(self) -> None:
         if self.scaler:
@@ -426,16 +465,15 @@ class Trainer:
                 for site in recipes.apply_ln_schedule(
                     self.model, self.sigmas, self.schedule, self.step
                 ):
-                    log.note(
-                        self.step,
+                    log.note(  # at the step it belongs to: the first one computed with it
+                        self.step + 1,
                         f"ln-free: {site} now divides by its fixed scale {self.sigmas[site]:.4f}",
                     )
             lr = lr_at(self.step, self.cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = self._forward_backward()
-            norm = self._grad_norm()
-            finite = self._finite(loss, norm)
+            losses = self._forward_backward()
+            loss, norm, finite = self._read_step(losses, self._grad_norm())
             if finite:
                 self._update()
                 self.nonfinite_streak = 0
