@@ -7,6 +7,7 @@ group-beam-search, and needs a download plus trust_remote_code).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import hf_model
@@ -118,6 +119,20 @@ def test_several_eos_ids_and_a_logits_processor(eos_pair):
     padding = (mask.repeat_interleave(4, dim=0) != 0).int().argmax(dim=1)
     processor = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=padding)
     assert_same(beam_search(model, ids, mask, logits_processor=processor, **kw), theirs)
+
+
+def test_eos_ids_from_any_iterable(eos_pair):
+    """eos_token_id as a set, tuple, array or tensor ends hypotheses as the list does (the
+    pad token is the smallest id of a set: sets are read sorted)."""
+    _, model = eos_pair
+    ids, mask = prompts()
+    kw = dict(num_beams=4, num_return_sequences=2, max_new_tokens=16)
+    expect = beam_search(model, ids, mask, eos_token_id=[16601, EOS], **kw)
+    for eos in ({EOS, 16601}, (16601, EOS), np.array([16601, EOS]), torch.tensor([16601, EOS])):
+        assert beam_search(model, ids, mask, eos_token_id=eos, **kw) == expect
+    none = beam_search(model, ids, mask, eos_token_id=None, **kw)
+    for empty in ([], (), set(), np.array([], dtype=np.int64)):
+        assert beam_search(model, ids, mask, eos_token_id=empty, **kw) == none
 
 
 # ---- diverse beam search: the algorithm written out plainly, without a KV cache -----
@@ -240,6 +255,10 @@ def test_group_beam_search_matches_reference(
         (dict(num_beams=4, num_beam_groups=2), "diversity_penalty > 0"),
         (dict(num_beams=2, early_stopping="sometimes"), "early_stopping"),
         (dict(num_beams=2, max_new_tokens=200), "exceeds the context"),
+        (dict(num_beams=2, eos_token_id={1.5}), "eos_token_id"),
+        (dict(num_beams=2, eos_token_id=np.array([[EOS]])), "eos_token_id"),
+        (dict(num_beams=2, eos_token_id=[EOS + 1]), "eos_token_id"),
+        (dict(num_beams=10**6), "beam search with 1000000 beams x 3 prompts"),
     ],
 )
 def test_bad_arguments(plain, options, message):

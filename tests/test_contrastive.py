@@ -10,6 +10,7 @@ prompt at a time, and scores candidates with the formula written out.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,24 @@ def test_rows_that_end_on_eos(eos_pair):
     for row, w in zip(result.tokens, want, strict=True):
         assert row == [t for t in w if t != EOS]
     assert result.finish_reasons == ["stop" if w[-1] == EOS else "length" for w in want]
+
+
+def test_eos_ids_from_any_iterable(eos_pair):
+    """eos_token_id as a set, tuple, array or tensor (or none at all) acts as the list."""
+    _, model = eos_pair
+    tokens, mask = gl.model.left_pad([model.tokenizer.encode(p) for p in PROMPTS], EOS)
+    kw = dict(penalty_alpha=0.6, top_k=4, max_new_tokens=40)
+    expect = contrastive_search(model, tokens, mask, eos_token_id=[EOS], **kw)
+    assert any(row[-1] == EOS for row in expect)
+    for eos in (EOS, {EOS}, (EOS,), np.array([EOS]), torch.tensor([EOS]), range(EOS, EOS + 1)):
+        assert contrastive_search(model, tokens, mask, eos_token_id=eos, **kw) == expect
+    none = contrastive_search(model, tokens, mask, eos_token_id=None, **kw)
+    assert all(len(row) == 40 for row in none)
+    for empty in ([], set(), np.array([], dtype=np.int64)):
+        assert contrastive_search(model, tokens, mask, eos_token_id=empty, **kw) == none
+    for bad in ({1.5}, [EOS + 1], "x"):
+        with pytest.raises(GPT2LabError, match="eos_token_id"):
+            contrastive_search(model, tokens, mask, eos_token_id=bad, **kw)
 
 
 def test_stream_matches_generate(pair):

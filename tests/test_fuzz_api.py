@@ -29,6 +29,7 @@ import math
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -146,6 +147,16 @@ def maybe(draw, valid: st.SearchStrategy, hostile: st.SearchStrategy = WEIRD):
 
 TEXT = st.text(max_size=12)
 TOKEN_LISTS = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3)
+# token ids in the other containers callers hold them in (all accepted like lists)
+TOKEN_IDS = st.one_of(
+    TOKEN_LISTS,
+    TOKEN_LISTS.map(tuple),
+    TOKEN_LISTS.map(set),
+    TOKEN_LISTS.map(frozenset),
+    TOKEN_LISTS.map(np.array),
+    TOKEN_LISTS.map(torch.tensor),
+    st.integers(0, VOCAB - 2).map(lambda t: range(t, t + 2)),
+)
 PROMPTS = maybe(
     st.one_of(
         TEXT,
@@ -164,9 +175,13 @@ COMMON_OPTIONS = {
     "max_new_tokens": st.integers(1, 4),
     "seed": st.integers(0, 2**64 - 1),
     "stop": st.one_of(SOME_TEXT, st.lists(SOME_TEXT, max_size=2)),
-    "stop_token_ids": st.one_of(st.integers(0, VOCAB - 1), TOKEN_LISTS),
+    "stop_token_ids": st.one_of(st.integers(0, VOCAB - 1), TOKEN_IDS),
     "stop_at_eot": st.booleans(),
-    "bad_words": st.one_of(SOME_TEXT, st.lists(st.one_of(SOME_TEXT, TOKEN_LISTS), min_size=1, max_size=2)),
+    "bad_words": st.one_of(
+        SOME_TEXT,
+        st.lists(st.one_of(SOME_TEXT, TOKEN_IDS), min_size=1, max_size=2),
+        st.sets(st.one_of(SOME_TEXT, TOKEN_LISTS.map(tuple)), min_size=1, max_size=2),
+    ),
     "bad_words_ids": st.lists(TOKEN_LISTS, max_size=2),
     "repetition_penalty": st.floats(0.5, 2),
     "frequency_penalty": st.floats(-2, 2),
@@ -555,6 +570,7 @@ def little_memory(monkeypatch):
         lambda m: m.generate("Hello", num_beams=10**6, max_new_tokens=2),
         lambda m: m.generate("Hello", num_beams=10**12, max_new_tokens=2),
         lambda m: m.generate("Hello", num_beams=400, num_return_sequences=400, max_new_tokens=2),
+        lambda m: m.generate(["Hello", "Hi there, friend"], num_beams=10**9, max_new_tokens=2),
         lambda m: m.generate(["Hello"] * 500, max_new_tokens=2),
         lambda m: m.generate("Hello", penalty_alpha=0.5, top_k=50_000, max_new_tokens=2),
         lambda m: list(m.stream("Hello", penalty_alpha=0.5, top_k=50_000, max_new_tokens=2)),
@@ -566,6 +582,7 @@ def little_memory(monkeypatch):
         "beams-1e6",
         "beams-1e12",
         "return-sequences",
+        "beams-padded-prompts",
         "batch",
         "contrastive",
         "stream",
@@ -590,6 +607,58 @@ def test_requests_that_fit_still_run(model, little_memory):
         len(model.generate("Hello", num_beams=4, max_new_tokens=3, return_result=True).tokens) == 1
     )
     assert model.new_cache(2, 16).batch == 2
+
+
+GB = 1 << 30
+
+
+def write_cgroup(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+
+
+@pytest.mark.parametrize(
+    "files, meminfo, expect",
+    [
+        # cgroup v2: limit 8 GB, 6 GB in use of which 1 GB inactive file cache -> 3 GB left
+        ({"memory.max": str(8 * GB), "memory.current": str(6 * GB),
+          "memory.stat": f"anon {4 * GB}\nfile {2 * GB}\ninactive_file {GB}"}, 100 * GB, 3 * GB),
+        ({"memory.max": str(8 * GB), "memory.current": str(6 * GB)}, 100 * GB, 2 * GB),
+        ({"memory.max": str(8 * GB), "memory.current": str(6 * GB)}, GB, GB),  # the machine's less
+        ({"memory.max": "max", "memory.current": str(6 * GB)}, 5 * GB, 5 * GB),  # no limit
+        ({"memory.max": str(4 * GB), "memory.current": str(5 * GB)}, 100 * GB, 0),  # over it
+        ({"memory.max": str(8 * GB)}, 100 * GB, 8 * GB),  # usage unreadable: the limit
+        # cgroup v1 (hierarchical inactive file cache in total_inactive_file)
+        ({"memory/memory.limit_in_bytes": str(4 * GB), "memory/memory.usage_in_bytes": str(3 * GB),
+          "memory/memory.stat": f"cache {2 * GB}\ntotal_inactive_file {GB // 2}"}, 100 * GB,
+         GB + GB // 2),
+        ({"memory/memory.limit_in_bytes": "9223372036854771712",
+          "memory/memory.usage_in_bytes": str(3 * GB)}, 5 * GB, 5 * GB),  # v1's "no limit"
+        ({}, 7 * GB, 7 * GB),  # no cgroup files at all
+    ],
+    ids=["v2", "v2-no-stat", "v2-machine-less", "v2-max", "v2-over", "v2-no-usage", "v1",
+         "v1-unlimited", "none"],
+)  # fmt: skip
+def test_cpu_memory_is_the_container_limit_minus_its_usage(
+    tmp_path, monkeypatch, files, meminfo, expect
+):
+    """Inside a container, what is left is its limit minus what it already uses (its
+    inactive file cache counted as free), or the machine's MemAvailable if that is less."""
+    write_cgroup(tmp_path, files)
+    monkeypatch.setattr(validate, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(validate, "_meminfo_available", lambda: meminfo)
+    assert validate.available_memory("cpu") == expect
+
+
+def test_cuda_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """Memory PyTorch has reserved but not allocated is free for our next allocation,
+    though the driver counts it as taken."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GB, 80 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GB)
+    assert validate.available_memory("cuda:0") == 4 * GB
+    assert validate.available_memory(torch.device("cuda")) == 4 * GB
 
 
 def test_sampling_from_nan_weights_is_a_clear_error(model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,117 @@ def test_stop_token_id(ours):
     assert result.finish_reasons == ["stop"]
 
 
+def test_stop_token_ids_take_any_iterable_of_ids(ours):
+    """A set, tuple, range, numpy array or tensor of ids stops where the list does (sets
+    are read in sorted order, so the result never depends on hash order)."""
+    full = ours.generate(PROMPTS[0], max_new_tokens=20, return_result=True).tokens[0]
+    a, b = full[5], full[9]
+
+    def run(stop):
+        return ours.generate(PROMPTS[0], max_new_tokens=20, stop_token_ids=stop, return_result=True)
+
+    expect = run([a, b])
+    assert expect.tokens[0] == full[: full.index(a)] and expect.finish_reasons == ["stop"]
+    for stop in ({a, b}, frozenset([b, a]), (a, b), np.array([a, b]), np.array([b, a], np.int32),
+                 torch.tensor([a, b]), iter([a, b])):  # fmt: skip
+        got = run(stop)
+        assert (got.tokens, got.finish_reasons) == (expect.tokens, expect.finish_reasons), stop
+    only_a = run([a])
+    for stop in (range(a, a + 1), np.int64(a), {a}, (a,)):
+        assert run(stop).tokens == only_a.tokens
+    for none in (set(), (), range(0), np.array([], dtype=np.int64)):
+        assert (
+            run(none).tokens
+            == ours.generate(PROMPTS[0], max_new_tokens=20, return_result=True).tokens
+        )
+
+
+def test_bad_words_take_any_iterable_of_words(ours):
+    """bad_words: any iterable of words, each a string or any iterable of token ids."""
+    plain = ours.generate("Hello", max_new_tokens=12, return_result=True).tokens[0]
+    word = ours.tokenizer.decode(plain[:2])
+
+    def run(bad):
+        return ours.generate("Hello", max_new_tokens=12, bad_words=bad, return_result=True).tokens
+
+    expect = run([[plain[0]], [plain[2], plain[3]]])
+    assert expect[0][:1] != plain[:1]
+    for bad in (
+        ([plain[0]], [plain[2], plain[3]]),
+        {(plain[0],), (plain[2], plain[3])},
+        [np.array([plain[0]]), np.array([plain[2], plain[3]])],
+        [torch.tensor([plain[0]]), (plain[2], plain[3])],
+        [range(plain[0], plain[0] + 1), [plain[2], plain[3]]],
+        iter([[plain[0]], [plain[2], plain[3]]]),
+    ):
+        assert run(bad) == expect, bad
+    pair = run([[plain[2], plain[3]]])
+    assert run(np.array([[plain[2], plain[3]]])) == pair
+    words = run([word, " the"])
+    assert words[0][:2] != plain[:2]
+    assert run({word, " the"}) == run(frozenset([" the", word])) == run((" the", word)) == words
+
+
+def _memory_requests(monkeypatch) -> list[tuple[str, int]]:
+    """Record what the decoding loops ask validate.check_memory for (every size checked)."""
+    asked: list[tuple[str, int]] = []
+
+    def record(what, nbytes, device=None, hint=""):
+        asked.append((what, nbytes))
+
+    monkeypatch.setattr(gen_mod, "check_memory", record)
+    return asked
+
+
+def _per_row(model, positions: int, copies: int, vocab_buffers: int = 6) -> int:
+    cfg = model.cfg
+    cache = 2 * cfg.n_layers * positions * cfg.d_model * model.dtype.itemsize
+    return copies * cache + vocab_buffers * cfg.d_vocab * 4 + 6 * positions * 8
+
+
+def test_decoding_memory_counts_the_cache_copies_each_search_makes(ours, monkeypatch):
+    """Greedy search and sampling fill one KV cache in place (one copy); beam search's
+    reorder and contrastive search's candidate rows hold two copies at a time."""
+    asked = _memory_requests(monkeypatch)
+    T = ours.to_tokens(PROMPTS, return_mask=True)[0].shape[1]
+    ours.generate(PROMPTS, max_new_tokens=5)
+    ours.generate(PROMPTS, max_new_tokens=5, do_sample=True, seed=0)
+    assert (
+        asked
+        == [(f"generating for 3 prompts x {T + 5} positions", 3 * _per_row(ours, T + 5, 1))] * 2
+    )
+    asked.clear()
+    ours.generate(PROMPTS, max_new_tokens=5, num_beams=4)
+    assert [n for _, n in asked] == [12 * _per_row(ours, T + 5, 2)]  # checked once, not twice
+    asked.clear()
+    ours.generate(PROMPTS, max_new_tokens=5, penalty_alpha=0.6, top_k=4)
+    assert [n for _, n in asked] == [12 * _per_row(ours, T + 5, 2, vocab_buffers=2)]
+
+
+def test_greedy_runs_where_only_one_cache_copy_fits(ours, monkeypatch):
+    """Free memory between one and two copies' worth: greedy search runs, beam search with
+    as many rows is refused (the old estimate refused both)."""
+    T = ours.to_tokens(PROMPTS, return_mask=True)[0].shape[1]
+    rows, positions = 3, T + 5
+    free = (rows * _per_row(ours, positions, 1) + rows * _per_row(ours, positions, 2)) // 2
+    monkeypatch.setattr(gpt2lab.validate, "UNCHECKED_BYTES", 0)
+    monkeypatch.setattr(gpt2lab.validate, "available_memory", lambda device=None: free)
+    assert len(ours.generate(PROMPTS, max_new_tokens=5, return_result=True).tokens) == 3
+    with pytest.raises(GPT2LabError, match="beam search with 3 beams x 1 prompts"):
+        ours.generate(PROMPTS[0], max_new_tokens=5 + T - len(ours.to_tokens(PROMPTS[0])[0]),
+                      num_beams=3)  # fmt: skip
+
+
+def test_num_return_sequences_without_beams_says_what_to_do(ours):
+    """transformers samples several sequences per prompt; gpt2lab says how to get them."""
+    with pytest.raises(GPT2LabError) as err:
+        ours.generate("Hello", do_sample=True, num_return_sequences=2, seed=0)
+    message = str(err.value)
+    assert "only with beam search" in message
+    assert "list of prompts" in message and "seeds" in message
+    assert "needs beam search" not in message
+
+
 def test_stream_joined_equals_generate(ours):
     options = dict(max_new_tokens=48, temperature=1.0, seed=3)
     pieces = list(ours.stream(PROMPTS[2], **options))
@@ -191,7 +303,24 @@ def test_empty_prompt_starts_from_endoftext(ours):
         (dict(stop_at_eot="no"), "stop_at_eot"),
         (dict(return_result="yes"), "return_result"),
         (dict(length_penalty=0.6), "needs beam search"),
-        (dict(num_return_sequences=2), "needs beam search"),
+        (dict(num_return_sequences=2), "only with beam search"),
+        (dict(num_return_sequences=2, do_sample=True), "only with beam search"),
+        (dict(stop_token_ids={1.5}), "stop_token_ids"),
+        (dict(stop_token_ids={"a"}), "stop_token_ids"),
+        (dict(stop_token_ids=np.array([1.5])), "stop_token_ids"),
+        (dict(stop_token_ids=np.array([True])), "stop_token_ids"),
+        (dict(stop_token_ids=np.array([[1]])), "stop_token_ids"),
+        (dict(stop_token_ids=b"ab"), "stop_token_ids"),
+        (dict(stop_token_ids=(1, None)), "stop_token_ids"),
+        (dict(stop_token_ids=range(EOT, EOT + 2)), "stop_token_ids"),
+        (dict(stop_token_ids=range(10**12)), "stop_token_ids"),
+        (dict(bad_words={1.5}), "bad_words"),
+        (dict(bad_words=[{1.5}]), "bad_words"),
+        (dict(bad_words=[b"x"]), "bad_words"),
+        (dict(bad_words=b"abc"), "bad_words"),
+        (dict(bad_words=np.array([1, 2])), "bad_words"),
+        (dict(bad_words=set()), "bad_words"),
+        (dict(bad_words=[np.array([0.5])]), "bad_words"),
         (dict(diversity_penalty=1.0), "needs beam search"),
         (dict(early_stopping=True), "needs beam search"),
         (dict(num_beams=1.0), "num_beams"),

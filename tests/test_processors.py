@@ -231,6 +231,25 @@ def test_lone_eos_is_never_banned():
     assert torch.isneginf(P.BannedSequences([[EOS]])(input_ids, scores)[:, EOS]).all()
 
 
+def test_token_id_arguments_take_any_iterable():
+    """Sequences and EOS ids as tuples, sets, ranges, arrays or tensors act as lists (the
+    checks are validate.token_ids', shared with generate())."""
+    for seed in range(3):
+        input_ids, scores = make_inputs(seed)
+        banned = P.BannedSequences(BANNED, EOS)(input_ids, scores)
+        for seqs, eos in (
+            (tuple(tuple(b) for b in BANNED), {EOS}),
+            ([np.array(b) for b in BANNED], np.array([EOS])),
+            ({tuple(b) for b in BANNED}, (EOS,)),
+            ([torch.tensor(b) for b in BANNED], torch.tensor([EOS])),
+        ):
+            assert torch.equal(P.BannedSequences(seqs, eos)(input_ids, scores), banned)
+        short = make_inputs(seed)[0][:, :2]
+        expect = P.MinNewTokens(4, 0, [EOS, 3])(short, scores)
+        for eos in ({3, EOS}, (EOS, 3), np.array([EOS, 3]), range(3, EOS + 1, EOS - 3)):
+            assert torch.equal(P.MinNewTokens(4, 0, eos)(short, scores), expect)
+
+
 @pytest.mark.parametrize("prompt_len", [0, 4, SEQ])
 @pytest.mark.parametrize("frequency, presence", [(0.5, 0.0), (0.0, 1.5), (-1.0, 0.3), (0.7, -0.4)])
 def test_frequency_presence_match_numpy(frequency, presence, prompt_len):
@@ -282,6 +301,13 @@ INVALID = [
     (lambda: P.BannedSequences([[-1]]), "bad_words_ids"),
     (lambda: P.BannedSequences([1, 2]), "bad_words_ids"),
     (lambda: P.BannedSequences("abc"), "bad_words_ids"),
+    (lambda: P.BannedSequences(b"abc"), "bad_words_ids"),
+    (lambda: P.BannedSequences([[1.5]]), "bad_words_ids"),
+    (lambda: P.BannedSequences([{1.5}]), "bad_words_ids"),
+    (lambda: P.BannedSequences([[1]], eos_token_id={1.5}), "eos_token_id"),
+    (lambda: P.MinNewTokens(3, 0, {1.5}), "eos_token_id"),
+    (lambda: P.MinNewTokens(3, 0, "a"), "eos_token_id"),
+    (lambda: P.MinNewTokens(3, 0, np.array([True])), "eos_token_id"),
     (lambda: P.MinNewTokens(-1, 0, EOS), "min_new_tokens"),
     (lambda: P.MinNewTokens(3, -1, EOS), "prompt_len"),
     (lambda: P.MinNewTokens(3, 0, []), "eos_token_id"),

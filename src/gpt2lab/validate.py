@@ -15,9 +15,10 @@ out-of-memory kill of the whole process.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sized
 from numbers import Integral, Real
 from typing import Any
 
@@ -29,6 +30,7 @@ SEED_LIMIT = 2**64  # torch's generators take seeds in [0, 2**64)
 # Requests up to this size are never checked against free memory (reading it costs a
 # system call; an everyday cache or batch is far smaller than any machine's memory).
 UNCHECKED_BYTES = 256 << 20
+MAX_IDS = 1 << 20  # the most elements read from a lazy iterable (a range, a generator)
 
 
 def is_int(value: Any) -> bool:
@@ -100,22 +102,67 @@ def seed(value: Any) -> int | None:
     return int(value)
 
 
-def token_ids(name: str, value: Any, vocab: int, *, allow_one: bool = False) -> list[int]:
-    """A non-empty list of token ids in [0, vocab); with `allow_one`, a single id too."""
+def as_list(value: Any) -> list | None:
+    """The elements of a collection argument as a list, or None if `value` is not one.
+
+    Any iterable but text counts (a list, tuple, range, set, numpy array, generator...):
+    callers pass ids and words in whatever container they hold them. A str, bytes or
+    bytearray is refused (its characters or bytes are not elements the caller meant).
+    A set has no order, so its elements are sorted: the same set gives the same result
+    in every run. A lazy iterable (a range, a generator) longer than MAX_IDS is refused
+    after reading MAX_IDS + 1 elements, so `range(10**12)` or an endless generator
+    cannot exhaust memory or hang; a list, tuple, set or array is already in memory and
+    is read whole."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Iterable):
+        return None
+    try:
+        if isinstance(value, range) or not isinstance(value, Sized):
+            out = list(itertools.islice(value, MAX_IDS + 1))
+            if len(out) > MAX_IDS:
+                return None
+        else:
+            out = list(value)
+    except TypeError:  # iterable in type only: a 0-d numpy array, a 0-d tensor
+        return None
+    if isinstance(value, (set, frozenset)):
+        try:
+            out.sort()
+        except TypeError:  # mixed kinds (ids and strings): any fixed order will do
+            out.sort(key=repr)
+    return out
+
+
+def token_ids(
+    name: str,
+    value: Any,
+    vocab: int | None = None,
+    *,
+    allow_one: bool = False,
+    allow_empty: bool = False,
+) -> list[int]:
+    """A list of token ids in [0, vocab) (vocab None: no upper bound), from any iterable of
+    ids (see `as_list`) or a 1-D integer tensor; with `allow_one`, a single id too; with
+    `allow_empty`, no ids at all."""
     if allow_one and is_int(value):
-        value = [value]
-    ok = isinstance(value, (Sequence, torch.Tensor)) and not isinstance(value, (str, bytes))
+        return [int(value)]
     if isinstance(value, torch.Tensor):
         ok = value.dim() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool
-        value = value.tolist() if ok else value
-    if ok:
-        ok = len(value) > 0 and all(is_int(t) and 0 <= t < vocab for t in value)
+        ids = value.tolist() if ok else None
+    else:
+        ids = as_list(value)
+    ok = (
+        ids is not None
+        and (allow_empty or len(ids) > 0)
+        and all(is_int(t) and 0 <= t and (vocab is None or t < vocab) for t in ids)
+    )
     if not ok:
         one = "a token id or " if allow_one else ""
+        some = "a" if allow_empty else "a non-empty"
+        where = f"in [0, {vocab})" if vocab is not None else ">= 0"
         raise GPT2LabError(
-            f"{name} must be {one}a non-empty list of token ids in [0, {vocab}), got {show(value)}"
+            f"{name} must be {one}{some} list of token ids {where}, got {show(value)}"
         )
-    return [int(t) for t in value]
+    return [int(t) for t in ids]
 
 
 def show(value: Any) -> str:
@@ -142,16 +189,57 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_limit() -> int | None:
-    """The memory limit of this process' container (cgroup v2, then v1), if any."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
+def _read_int(path: str) -> int | None:
+    """The integer in a one-line file (a cgroup control file), None if absent or not one
+    ("max", cgroup v2's word for no limit)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat(path: str, key: str) -> int:
+    """One counter from a cgroup memory.stat file (0 when absent)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+# (limit, usage, memory.stat, the reclaimable file cache in it) for cgroup v2, then v1
+_CGROUPS = (
+    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+     "total_inactive_file"),
+)  # fmt: skip
+
+
+def _cgroup_available() -> int | None:
+    """What this process' container (cgroup v2, then v1) still lets it allocate: its
+    memory limit minus what the container already uses, None where there is no limit.
+
+    MemAvailable is the whole machine's, and the limit alone ignores what is in use: a
+    container is killed when its own usage reaches its limit, however much the machine
+    has free. The usage counts the page cache too; its inactive file pages are dropped
+    before the container's out-of-memory killer runs, so they count as free (as `docker
+    stats` does)."""
+    for limit_file, usage_file, stat_file, cache_key in _CGROUPS:
+        limit = _read_int(f"{CGROUP_ROOT}/{limit_file}")
+        if limit is None or limit >= 1 << 60:  # "max" / a huge number: no limit here
             continue
-        if text.isdigit() and int(text) < 1 << 60:  # "max" / a huge number: no limit
-            return int(text)
+        usage = _read_int(f"{CGROUP_ROOT}/{usage_file}")
+        if usage is None:
+            return limit
+        usage -= min(usage, _stat(f"{CGROUP_ROOT}/{stat_file}", cache_key))
+        return max(0, limit - usage)
     return None
 
 
@@ -159,13 +247,18 @@ def available_memory(device: torch.device | str | None = None) -> int | None:
     """Bytes that can still be allocated on `device` (None: unknown, so unchecked).
 
     CPU: MemAvailable from /proc/meminfo (or free physical pages where there is no
-    /proc), capped by a container's memory limit. CUDA: the driver's free memory."""
+    /proc), or what the container's memory limit leaves if that is less. CUDA: the
+    driver's free memory plus what PyTorch's caching allocator holds reserved but
+    unused (freed tensors it keeps for reuse: free for our next allocation, though the
+    driver counts them as taken)."""
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
         try:
-            return torch.cuda.mem_get_info(device)[0]
+            free = torch.cuda.mem_get_info(device)[0]
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         except (RuntimeError, AssertionError):
             return None
+        return free + max(0, cached)
     if device.type != "cpu":
         return None  # meta allocates nothing; mps and others report no free memory
     available = _meminfo_available()
@@ -174,8 +267,8 @@ def available_memory(device: torch.device | str | None = None) -> int | None:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, OSError, ValueError):
             return None
-    limit = _cgroup_limit()
-    return available if limit is None else min(available, limit)
+    container = _cgroup_available()
+    return available if container is None else min(available, container)
 
 
 def format_bytes(n: float) -> str:
@@ -204,6 +297,7 @@ def check_memory(
 
 
 __all__ = [
+    "as_list",
     "available_memory",
     "boolean",
     "check_memory",

@@ -25,14 +25,15 @@ search follows transformers 4's `_group_beam_search` + `BeamSearchScorer` (trans
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import GPT2LabError
-from ..validate import integer, number, show, token_ids
-from .generate import check_decoding_memory, check_finite
+from ..validate import integer, number, show
+from .generate import check_decoding_memory, check_finite, end_ids
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -54,7 +55,7 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
-    eos_token_id: int | Sequence[int] | None = 50256,
+    eos_token_id: int | Iterable[int] | None = 50256,
     pad_token_id: int | None = None,
     num_beam_groups: int = 1,
     diversity_penalty: float = 0.0,
@@ -69,6 +70,50 @@ def beam_search(
     (padding included) plus the tokens so far, one row per beam. `pad_token_id` (default:
     the first EOS id) is the token a finished group "chooses" in group beam search.
     """
+    plan = plan_beam_search(
+        model, tokens, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty, early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, num_beam_groups=num_beam_groups,
+        diversity_penalty=diversity_penalty,
+    )  # fmt: skip
+    return run_beam_search(model, plan, attention_mask, logits_processor)
+
+
+@dataclass(frozen=True)
+class BeamPlan:
+    """beam_search's arguments, checked (see plan_beam_search)."""
+
+    tokens: torch.Tensor
+    num_beams: int
+    max_new_tokens: int
+    length_penalty: float
+    early_stopping: bool | str
+    num_return_sequences: int
+    eos: list[int]
+    pad: int
+    num_beam_groups: int
+    diversity_penalty: float
+
+
+def plan_beam_search(
+    model: GPT2,
+    tokens: torch.Tensor,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Iterable[int] | None = 50256,
+    pad_token_id: int | None = None,
+    num_beam_groups: int = 1,
+    diversity_penalty: float = 0.0,
+) -> BeamPlan:
+    """Check beam_search's arguments, and that the search fits in memory, before anything
+    is allocated. Split from the search so that generate() can check a request first,
+    then build its per-beam logits processors (whose size grows with num_beams), then
+    run the search without checking again."""
     tokens = model._check_tokens(tokens)
     B, T = tokens.shape
     integer("num_beams", num_beams, 1)
@@ -99,33 +144,46 @@ def beam_search(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
             f"{model.cfg.n_ctx}"
         )
-    no_eos = eos_token_id is None or (isinstance(eos_token_id, (list, tuple)) and not eos_token_id)
-    eos = (
-        [] if no_eos else token_ids("eos_token_id", eos_token_id, model.cfg.d_vocab, allow_one=True)
-    )
+    eos = end_ids(model, "eos_token_id", eos_token_id)
     if pad_token_id is not None:
         integer("pad_token_id", pad_token_id, 0, model.cfg.d_vocab - 1)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     check_decoding_memory(
         model, f"beam search with {num_beams} beams x {B} prompts x {T + max_new_tokens} "
-        "positions", B * num_beams, T + max_new_tokens,
+        "positions", B * num_beams, T + max_new_tokens, copies=2,
+    )  # fmt: skip
+    return BeamPlan(
+        tokens, int(num_beams), int(max_new_tokens), float(length_penalty), early_stopping,
+        int(num_return_sequences), eos, int(pad), int(num_beam_groups), float(diversity_penalty),
     )  # fmt: skip
 
+
+@torch.inference_mode()
+def run_beam_search(
+    model: GPT2,
+    plan: BeamPlan,
+    attention_mask: torch.Tensor | None = None,
+    logits_processor: LogitsProcessor | None = None,
+) -> Hypotheses:
+    """The search itself, for arguments checked by plan_beam_search."""
+    tokens, num_beams, max_new_tokens = plan.tokens, plan.num_beams, plan.max_new_tokens
+    B, T = tokens.shape
     options = dict(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
-        length_penalty=float(length_penalty),
-        early_stopping=early_stopping,
-        eos=eos,
-        pad=pad,
+        length_penalty=plan.length_penalty,
+        early_stopping=plan.early_stopping,
+        eos=plan.eos,
+        pad=plan.pad,
         processor=logits_processor,
     )
-    if num_beam_groups == 1:
+    if plan.num_beam_groups == 1:
         search: _BeamSearch | _GroupBeamSearch = _BeamSearch(tokens, **options)
     else:
         search = _GroupBeamSearch(
-            tokens, groups=num_beam_groups, diversity_penalty=float(diversity_penalty), **options
-        )
+            tokens, groups=plan.num_beam_groups, diversity_penalty=plan.diversity_penalty,
+            **options,
+        )  # fmt: skip
 
     # Prefill each prompt once, then give every beam a copy of its prompt's cache rows.
     cache = model.new_cache(B, T + max_new_tokens)
@@ -140,7 +198,7 @@ def beam_search(
             break
         cache.reorder(source_rows)  # each cache row now follows the beam it continues
         logits = model(next_tokens[:, None], cache=cache)[:, -1]
-    return search.results(num_return_sequences)
+    return search.results(plan.num_return_sequences)
 
 
 def _is_never(early_stopping) -> bool:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import GPT2LabError
-from ..validate import integer, is_int, number, show, token_ids
-from .generate import check_decoding_memory, check_finite
+from ..validate import integer, is_int, number, show
+from .generate import check_decoding_memory, check_finite, end_ids
 
 if TYPE_CHECKING:
     from ..model import GPT2, KVCache
@@ -105,7 +105,7 @@ def contrastive_steps(
 
     check_decoding_memory(
         model, f"contrastive search with top_k={k} x {B} prompts x {T + max_new_tokens} "
-        "positions", B * k, T + max_new_tokens, vocab_buffers=2,
+        "positions", B * k, T + max_new_tokens, copies=2, vocab_buffers=2,
         hint="use a smaller top_k, fewer prompts or fewer new tokens",
     )  # fmt: skip
     cache = model.new_cache(B, T + max_new_tokens)
@@ -169,10 +169,7 @@ def contrastive_search(
     finished on one. `logits_processor(input_ids, logits)` is applied to the float32
     logits before the softmax that ranks the candidates (penalties, bad words...).
     """
-    no_eos = eos_token_id is None or (isinstance(eos_token_id, (list, tuple)) and not eos_token_id)
-    eos = (
-        [] if no_eos else token_ids("eos_token_id", eos_token_id, model.cfg.d_vocab, allow_one=True)
-    )
+    eos = end_ids(model, "eos_token_id", eos_token_id)
     out: list[list[int]] = [[] for _ in range(tokens.shape[0] if tokens.dim() == 2 else 1)]
     for next_token, _, finished in contrastive_steps(
         model, tokens, attention_mask, penalty_alpha=penalty_alpha, top_k=top_k,

@@ -20,7 +20,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GPT2LabError
-from ..validate import boolean, check_memory, integer, is_int, number, seed, show, token_ids
+from ..validate import (
+    as_list,
+    boolean,
+    check_memory,
+    integer,
+    is_int,
+    number,
+    seed,
+    show,
+    token_ids,
+)
 from .processors import build_pipeline
 
 if TYPE_CHECKING:
@@ -164,11 +174,19 @@ def _accept_defaults(model: GPT2, opts: dict[str, Any]) -> None:
             continue
         if key == "num_beams":
             integer("num_beams", value, 1)
-        if not _same(value, default):
+        if _same(value, default):
+            continue
+        if key == "num_return_sequences":  # transformers would sample several per prompt
             raise GPT2LabError(
-                f"{key}={show(value)} needs beam search (num_beams > 1); without beams only "
-                f"{key}={default!r} is accepted"
+                f"num_return_sequences={show(value)}: gpt2lab supports num_return_sequences "
+                "only with beam search (num_beams > 1); for several samples of one prompt, "
+                "pass it several times in a list of prompts or call generate again with "
+                "other seeds"
             )
+        raise GPT2LabError(
+            f"{key}={show(value)} needs beam search (num_beams > 1); without beams only "
+            f"{key}={default!r} is accepted"
+        )
     for key, default in OTHER_DEFAULTS.items():
         value = opts.pop(key, None)
         if value is not None and not _same(value, default):
@@ -196,12 +214,16 @@ def _same(value: Any, default: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
 
 
-def _stop_ids(model: GPT2, value: Any) -> set[int]:
+def end_ids(model: GPT2, name: str, value: Any) -> list[int]:
+    """Token ids that end a row (`stop_token_ids`, `eos_token_id`): None or no ids for
+    none, one id, or any iterable of ids (a list, tuple, set, range, array or tensor)."""
     if value is None:
-        return set()
-    if isinstance(value, (list, tuple)) and not value:
-        return set()
-    return set(token_ids("stop_token_ids", value, model.cfg.d_vocab, allow_one=True))
+        return []
+    return token_ids(name, value, model.cfg.d_vocab, allow_one=True, allow_empty=True)
+
+
+def _stop_ids(model: GPT2, value: Any) -> set[int]:
+    return set(end_ids(model, "stop_token_ids", value))
 
 
 def _stop_strings(stop: Any) -> list[str]:
@@ -219,9 +241,10 @@ def _stop_strings(stop: Any) -> list[str]:
 
 def _bad_words(model: GPT2, bad_words: Any) -> list[list[int]]:
     """`bad_words` as token sequences to ban: a string is one word (encoded as given, so
-    " word" bans the word after a space), a list holds strings and lists of token ids."""
-    words = [bad_words] if isinstance(bad_words, str) else bad_words
-    if not isinstance(words, (list, tuple)) or not words:
+    " word" bans the word after a space); otherwise any iterable (a list, tuple, set...)
+    of words, each a string or an iterable of token ids."""
+    words = [bad_words] if isinstance(bad_words, str) else as_list(bad_words)
+    if not words:
         raise GPT2LabError(
             "bad_words must be a string or a non-empty list of strings and lists of token "
             f"ids, got {show(bad_words)}"
@@ -263,19 +286,23 @@ def check_decoding_memory(
     rows: int,
     positions: int,
     *,
+    copies: int,
     vocab_buffers: int = 6,
     hint: str = "use fewer prompts, beams or new tokens",
 ) -> None:
     """Refuse, before allocating, a decoding job whose working set would not fit in memory.
 
     Per row (a prompt, a beam or a contrastive candidate): its KV cache (all layers, keys
-    and values; counted twice, as beam and contrastive search copy it when they reorder
-    rows), `vocab_buffers` vocabulary-sized float32 buffers a step (logits, log-probs,
-    processed scores, the softmax and top-k work: about six for greedy, sampling and
-    beam rows, two for a contrastive candidate) and a few int64 rows of tokens."""
+    and values) `copies` times, `vocab_buffers` vocabulary-sized float32 buffers a step
+    (logits, log-probs, processed scores, the softmax and top-k work: about six for
+    greedy, sampling and beam rows, two for a contrastive candidate) and a few int64 rows
+    of tokens. `copies` is 1 for greedy search and sampling, which fill one cache in
+    place; 2 for beam search, whose reorder builds the reordered cache while the old one
+    is still alive, and contrastive search, which copies the prompt's cache to every
+    candidate row."""
     cfg = model.cfg
     cache = 2 * cfg.n_layers * positions * cfg.d_model * model.dtype.itemsize
-    per_row = 2 * cache + vocab_buffers * cfg.d_vocab * 4 + 6 * positions * 8
+    per_row = copies * cache + vocab_buffers * cfg.d_vocab * 4 + 6 * positions * 8
     check_memory(what, rows * per_row, model.device, hint=hint)
 
 
@@ -327,7 +354,7 @@ def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Set
 
     check_decoding_memory(
         model, f"generating for {B} prompts x {T + s.max_new_tokens} positions", B,
-        T + s.max_new_tokens,
+        T + s.max_new_tokens, copies=1,
     )  # fmt: skip
     cache = model.new_cache(B, T + s.max_new_tokens)
     logits = model(tokens, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
@@ -356,10 +383,14 @@ def check_finite(logits: torch.Tensor) -> None:
     weights would otherwise make greedy search emit token 0 forever, sampling fail deep
     in torch, and beam scores turn NaN."""
     if not bool(torch.isfinite(logits).all()):
-        raise GPT2LabError(
-            "the model's logits are not finite (NaN or inf): its weights hold NaN or inf "
-            "values; reload or retrain the checkpoint"
-        )
+        raise _not_finite()
+
+
+def _not_finite() -> GPT2LabError:
+    return GPT2LabError(
+        "the model's logits are not finite (NaN or inf): its weights hold NaN or inf "
+        "values; reload or retrain the checkpoint"
+    )
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -469,7 +500,7 @@ def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
             if was_done or reasons[b] != "length":
                 continue
             if lp != lp:  # NaN: the logits went non-finite after the prompt (checked there)
-                check_finite(torch.tensor(lp))
+                raise _not_finite()
             if t in s.stop_ids:
                 reasons[b] = "stop"
                 continue
@@ -508,7 +539,7 @@ BEAM_OPTIONS = (
 
 def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> GenerationResult:
     """Beam search (beam.py) with the same processors; one result per returned sequence."""
-    from .beam import beam_search
+    from .beam import plan_beam_search, run_beam_search
 
     beam = {k: options.pop(k) for k in BEAM_OPTIONS if options.get(k) is not None}
     n = beam["num_beams"] = integer("num_beams", beam.get("num_beams", 1), 1)
@@ -520,21 +551,15 @@ def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> Gener
         raise GPT2LabError("stop strings and max_time are not supported with beam search")
     if _given(options.get("penalty_alpha"), unset=0.0):
         raise GPT2LabError("penalty_alpha (contrastive search) cannot be combined with beam search")
-    B, T = tokens.shape
     max_new = integer("max_new_tokens", options.get("max_new_tokens", 32), 1)
-    check_decoding_memory(
-        model, f"beam search with {n} beams x {B} prompts x {T + max_new} positions", B * n,
-        T + max_new,
-    )  # fmt: skip
+    eot = model.tokenizer.eot_token
+    # Checked (memory included) before the per-beam padding lengths below are allocated.
+    plan = plan_beam_search(model, tokens, max_new_tokens=max_new, eos_token_id=eot, **beam)
     pad = _pad_lengths(mask)
     s = _settings(
         model, tokens.shape[1], options, None if pad is None else pad.repeat_interleave(n)
     )
-    eot = model.tokenizer.eot_token
-    rows = beam_search(
-        model, tokens, mask, max_new_tokens=s.max_new_tokens, eos_token_id=eot,
-        logits_processor=s.pipeline, **beam,
-    )  # fmt: skip
+    rows = run_beam_search(model, plan, mask, s.pipeline)
     result = GenerationResult([], [], [])
     for hypotheses in rows:
         for ids, score in hypotheses:

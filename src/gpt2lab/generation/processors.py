@@ -25,39 +25,11 @@ from numbers import Real
 import torch
 
 from ..errors import GPT2LabError
-from ..validate import integer, is_int, number
+from ..validate import as_list, integer, number, show, token_ids
 
 NEG_INF = -math.inf
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def _int(name: str, value, minimum: int) -> int:
-    return integer(name, value, minimum)
-
-
-def _real(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
-    return number(name, value, low, high, low_open=low_open, high_open=high_open)
-
-
-def _positive(name: str, value) -> float:
-    return number(name, value, 0, low_open=True)
-
-
-def _finite(name: str, value) -> float:
-    return number(name, value)
-
-
-def _token_ids(name: str, value) -> list[int]:
-    ids = [value] if is_int(value) else value
-    if not isinstance(ids, Sequence) or not ids or any(not is_int(t) or t < 0 for t in ids):
-        raise GPT2LabError(
-            f"{name} must be a token id or a non-empty list of token ids, got {value!r}"
-        )
-    return [int(t) for t in ids]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -115,7 +87,7 @@ class TemperatureWarper(LogitsProcessor):
     COLD = 1e-4
 
     def __init__(self, temperature: float):
-        self.temperature = _positive("temperature", temperature)
+        self.temperature = number("temperature", temperature, 0, low_open=True)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature >= self.COLD:
@@ -128,8 +100,8 @@ class TopKWarper(LogitsProcessor):
     """Keep the k highest-scoring tokens (all tokens tied with the k-th are kept too)."""
 
     def __init__(self, top_k: int, min_tokens_to_keep: int = 1):
-        self.top_k = _int("top_k", top_k, 1)
-        self.min_tokens_to_keep = _int("min_tokens_to_keep", min_tokens_to_keep, 1)
+        self.top_k = integer("top_k", top_k, 1)
+        self.min_tokens_to_keep = integer("min_tokens_to_keep", min_tokens_to_keep, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         k = max(self.top_k, self.min_tokens_to_keep)
@@ -144,8 +116,8 @@ class TopPWarper(LogitsProcessor):
     dropped while the cumulative probability up to and including it is <= 1 - top_p."""
 
     def __init__(self, top_p: float, min_tokens_to_keep: int = 1):
-        self.top_p = _real("top_p", top_p, 0, 1, low_open=True, high_open=False)
-        self.min_tokens_to_keep = _int("min_tokens_to_keep", min_tokens_to_keep, 1)
+        self.top_p = number("top_p", top_p, 0, 1, low_open=True)
+        self.min_tokens_to_keep = integer("min_tokens_to_keep", min_tokens_to_keep, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         sorted_scores, order = torch.sort(scores, descending=False)
@@ -160,8 +132,8 @@ class MinPWarper(LogitsProcessor):
     most likely token's probability, so the cut-off follows the model's confidence."""
 
     def __init__(self, min_p: float, min_tokens_to_keep: int = 1):
-        self.min_p = _real("min_p", min_p, 0, 1, low_open=False, high_open=False)
-        self.min_tokens_to_keep = _int("min_tokens_to_keep", min_tokens_to_keep, 1)
+        self.min_p = number("min_p", min_p, 0, 1)
+        self.min_tokens_to_keep = integer("min_tokens_to_keep", min_tokens_to_keep, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = scores.softmax(dim=-1)
@@ -178,8 +150,8 @@ class TypicalWarper(LogitsProcessor):
     min_tokens_to_keep protects the most *typical* tokens, not the most likely ones."""
 
     def __init__(self, typical_p: float, min_tokens_to_keep: int = 1):
-        self.typical_p = _real("typical_p", typical_p, 0, 1, low_open=True, high_open=True)
-        self.min_tokens_to_keep = _int("min_tokens_to_keep", min_tokens_to_keep, 1)
+        self.typical_p = number("typical_p", typical_p, 0, 1, low_open=True, high_open=True)
+        self.min_tokens_to_keep = integer("min_tokens_to_keep", min_tokens_to_keep, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = scores.log_softmax(dim=-1)
@@ -198,8 +170,8 @@ class EpsilonWarper(LogitsProcessor):
     fixed epsilon (the min_tokens_to_keep highest-scoring tokens always survive)."""
 
     def __init__(self, epsilon: float, min_tokens_to_keep: int = 1):
-        self.epsilon = _real("epsilon_cutoff", epsilon, 0, 1, low_open=True, high_open=True)
-        self.min_tokens_to_keep = _int("min_tokens_to_keep", min_tokens_to_keep, 1)
+        self.epsilon = number("epsilon_cutoff", epsilon, 0, 1, low_open=True, high_open=True)
+        self.min_tokens_to_keep = integer("min_tokens_to_keep", min_tokens_to_keep, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         drop = scores.softmax(dim=-1) < self.epsilon
@@ -212,8 +184,8 @@ class EtaWarper(LogitsProcessor):
     distribution's entropy H grows, eta = min(epsilon, sqrt(epsilon) * exp(-H))."""
 
     def __init__(self, epsilon: float, min_tokens_to_keep: int = 1):
-        self.epsilon = _real("eta_cutoff", epsilon, 0, 1, low_open=True, high_open=True)
-        self.min_tokens_to_keep = _int("min_tokens_to_keep", min_tokens_to_keep, 1)
+        self.epsilon = number("eta_cutoff", epsilon, 0, 1, low_open=True, high_open=True)
+        self.min_tokens_to_keep = integer("min_tokens_to_keep", min_tokens_to_keep, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = scores.softmax(dim=-1)
@@ -242,12 +214,12 @@ class RepetitionPenalty(LogitsProcessor):
     from the attention mask here."""
 
     def __init__(self, penalty: float, ignore_prefix: int | torch.Tensor | None = None):
-        self.penalty = _positive("repetition_penalty", penalty)
+        self.penalty = number("repetition_penalty", penalty, 0, low_open=True)
         if isinstance(ignore_prefix, torch.Tensor):
             if ignore_prefix.dim() != 1:
                 raise GPT2LabError("ignore_prefix must be an int or a 1-D tensor of per-row counts")
         elif ignore_prefix is not None:
-            ignore_prefix = _int("ignore_prefix", ignore_prefix, 0)
+            ignore_prefix = integer("ignore_prefix", ignore_prefix, 0)
         self.ignore_prefix = ignore_prefix
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -275,8 +247,8 @@ class FrequencyPenalty(LogitsProcessor):
     repetition; OpenAI's API allows [-2, 2]."""
 
     def __init__(self, penalty: float, prompt_len: int = 0):
-        self.penalty = _finite("frequency_penalty", penalty)
-        self.prompt_len = _int("prompt_len", prompt_len, 0)
+        self.penalty = number("frequency_penalty", penalty)
+        self.prompt_len = integer("prompt_len", prompt_len, 0)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores - _token_counts(input_ids[:, self.prompt_len :], scores) * self.penalty
@@ -287,8 +259,8 @@ class PresencePenalty(LogitsProcessor):
     once so far (after the first `prompt_len` positions), however often it occurred."""
 
     def __init__(self, penalty: float, prompt_len: int = 0):
-        self.penalty = _finite("presence_penalty", penalty)
-        self.prompt_len = _int("prompt_len", prompt_len, 0)
+        self.penalty = number("presence_penalty", penalty)
+        self.prompt_len = integer("prompt_len", prompt_len, 0)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         present = _token_counts(input_ids[:, self.prompt_len :], scores) > 0
@@ -300,7 +272,7 @@ class NoRepeatNGram(LogitsProcessor):
     (prompt included), as in fairseq and transformers. Size 1 forbids every seen token."""
 
     def __init__(self, ngram_size: int):
-        self.ngram_size = _int("no_repeat_ngram_size", ngram_size, 1)
+        self.ngram_size = integer("no_repeat_ngram_size", ngram_size, 1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         n, length = self.ngram_size, input_ids.shape[1]
@@ -323,19 +295,16 @@ class BannedSequences(LogitsProcessor):
     def __init__(
         self, sequences: Sequence[Sequence[int]], eos_token_id: int | Sequence[int] | None = None
     ):
-        ok = isinstance(sequences, Sequence) and not isinstance(sequences, str) and sequences
-        if ok:
-            ok = all(
-                isinstance(s, Sequence) and s and all(is_int(t) and t >= 0 for t in s)
-                for s in sequences
-            )
-        if not ok:
+        seqs = as_list(sequences)
+        if not seqs:
             raise GPT2LabError(
                 "bad_words_ids must be a non-empty list of non-empty lists of token ids, "
-                f"got {sequences!r}"
+                f"got {show(sequences)}"
             )
-        eos = set(_token_ids("eos_token_id", eos_token_id)) if eos_token_id is not None else set()
-        self.sequences = [[int(t) for t in s] for s in sequences]
+        self.sequences = [token_ids("each of bad_words_ids", s) for s in seqs]
+        eos = set()
+        if eos_token_id is not None:
+            eos = set(token_ids("eos_token_id", eos_token_id, allow_one=True))
         self._single = sorted({s[0] for s in self.sequences if len(s) == 1 and s[0] not in eos})
         by_prefix_len: dict[int, list[list[int]]] = {}
         for s in self.sequences:
@@ -381,9 +350,9 @@ class MinNewTokens(LogitsProcessor):
     generated after the first `prompt_len` positions."""
 
     def __init__(self, min_new_tokens: int, prompt_len: int, eos_token_id: int | Sequence[int]):
-        self.min_new_tokens = _int("min_new_tokens", min_new_tokens, 0)
-        self.prompt_len = _int("prompt_len", prompt_len, 0)
-        self.eos_token_id = _token_ids("eos_token_id", eos_token_id)
+        self.min_new_tokens = integer("min_new_tokens", min_new_tokens, 0)
+        self.prompt_len = integer("prompt_len", prompt_len, 0)
+        self.eos_token_id = token_ids("eos_token_id", eos_token_id, allow_one=True)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] - self.prompt_len >= self.min_new_tokens:
@@ -441,7 +410,7 @@ def build_pipeline(
     as transformers does given an attention mask. Beam search with sampling keeps
     `min_tokens_to_keep` = 2 (one more than the number of end tokens) in transformers.
     """
-    _int("prompt_len", prompt_len, 0)
+    integer("prompt_len", prompt_len, 0)
     steps: list[Processor] = []
     if _active(repetition_penalty, 1):
         steps.append(RepetitionPenalty(repetition_penalty, ignore_prefix=pad_lengths))
