@@ -20,7 +20,7 @@ import pytest
 import gpt2lab.training.data as data_mod
 from gpt2lab import GPT2LabError, Tokenizer
 from gpt2lab.cli import main
-from gpt2lab.training.data import TokenShards, is_dataset, prepare
+from gpt2lab.training.data import MANIFEST, TokenShards, is_dataset, prepare
 
 TOK = Tokenizer()
 DOCS = {
@@ -93,6 +93,84 @@ def test_invalid_utf8_deep_inside_a_large_file_skips_the_whole_file(tmp_path, mo
     assert train_ids(tmp_path / "out") == expected_ids(DOCS[k] for k in sorted(DOCS))
     assert manifest["skipped"]["binary_files"]["count"] == 1
     assert TOK.encode("\ufffd")[0] not in train_ids(tmp_path / "out")
+
+
+MANY_DOCS = {
+    f"d{i:02d}.txt": f"Document {i}.\n" + "It has a line of text.\n" * (i + 3) for i in range(12)
+}
+LATE_BAD = {  # invalid UTF-8 past the first piece (PIECE_CHARS = 16), wherever it is
+    "second-piece": b"good line of text\n" + b"\xff bad byte\n" + b"more text\n" * 20,
+    "deep": b"good line of text\n" * 50 + b"caf\xe9\n" + b"more text\n" * 5,
+    "last-byte": b"good line of text\n" * 50 + "\u2615".encode()[:-1],
+    "first-piece": b"\xc0\xaf overlong, then good text\n" * 5,
+}
+
+
+@pytest.mark.parametrize("where", list(LATE_BAD))
+def test_a_file_found_not_utf8_part_way_leaves_no_trace(where, tmp_path, monkeypatch):
+    """The text is decoded once, while it is tokenized; a file that turns out not to be
+    UTF-8 after some of its pieces were read is dropped whole. The dataset is byte for
+    byte the one made without that file: no piece of it in the shards, and the other
+    documents in the same split (a skipped file takes no place in the train/val draw)."""
+    monkeypatch.setattr(data_mod, "PIECE_CHARS", 16)
+    clean = write_corpus(tmp_path / "clean", MANY_DOCS)
+    src = write_corpus(tmp_path / "src", MANY_DOCS)
+    for name in ("d03_bad.txt", "d07_bad.txt"):  # sorted among the good ones
+        (src / name).write_bytes(LATE_BAD[where])
+    want = prepare([clean], tmp_path / "want", val_fraction=0.4, shard_tokens=50, progress=False)
+    got = prepare([src], tmp_path / "got", val_fraction=0.4, shard_tokens=50, progress=False)
+    assert got["skipped"]["binary_files"] == {
+        "count": 2, "examples": [str(src / "d03_bad.txt"), str(src / "d07_bad.txt")]
+    }  # fmt: skip
+    assert {k: v for k, v in got.items() if k != "skipped"} == {
+        k: v for k, v in want.items() if k != "skipped"
+    }
+    shards = {name: data for name, data in snapshot(tmp_path / "want").items() if name != MANIFEST}
+    assert {
+        name: data for name, data in snapshot(tmp_path / "got").items() if name != MANIFEST
+    } == shards
+    assert want["documents"]["val"] > 0 and want["documents"]["train"] > 0
+
+
+def test_each_text_file_is_read_once(tmp_path, monkeypatch):
+    """Checking UTF-8 and tokenizing share one read: a file's bytes are read once, plus
+    the first block for the binary sniff."""
+    monkeypatch.setattr(data_mod, "PIECE_CHARS", 1000)
+    docs = {**DOCS, "big.txt": "a line of text\n" * 3000, "bad.txt": "ok\n" * 3000 + "\udcff"}
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in docs.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    read: dict[str, int] = {}
+    real_open = open
+
+    class Counting:
+        def __init__(self, f, path):
+            self.f, self.path = f, str(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read[self.path] = read.get(self.path, 0) + len(data)
+            return data
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Counting(f, path) if mode == "rb" else f
+
+    monkeypatch.setattr(data_mod, "open", counting_open, raising=False)
+    manifest = prepare([src], tmp_path / "out", val_fraction=0.0, progress=False)
+    assert manifest["skipped"]["binary_files"]["examples"] == [str(src / "bad.txt")]
+    assert set(read) == {str(src / name) for name in docs}
+    for name in docs:
+        size = (src / name).stat().st_size
+        assert size <= read[str(src / name)] <= size + min(size, data_mod.SNIFF_BYTES), name
 
 
 @pytest.mark.parametrize("piece_chars", [1, 2, 3, 7, 64])
@@ -315,6 +393,16 @@ def test_invalid_arguments_are_rejected_before_writing(case, tmp_path):
     with pytest.raises(GPT2LabError, match=list(BAD_ARGUMENTS[case])[0]):
         prepare([tmp_path / "src"], tmp_path / "out", progress=False, **BAD_ARGUMENTS[case])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_numpy_numbers_are_plain_numbers(tmp_path):
+    src = write_corpus(tmp_path / "src")
+    plain = prepare([src], tmp_path / "plain", val_fraction=0.25, shard_tokens=20, seed=3,
+                    progress=False)  # fmt: skip
+    numpy = prepare([src], tmp_path / "numpy", val_fraction=np.float64(0.25),
+                    shard_tokens=np.int64(20), seed=np.uint8(3), progress=False)  # fmt: skip
+    assert numpy == plain
+    assert snapshot(tmp_path / "numpy") == snapshot(tmp_path / "plain")
 
 
 def test_no_inputs_is_an_error(tmp_path):

@@ -3,15 +3,17 @@
 `prepare` streams documents (text files, folders, JSONL with a named field), splits
 them into train / val by document, tokenizes on both cores and appends the ids, with
 `<|endoftext|>` after every document, to raw uint16 shard files plus a small JSON
-manifest. Memory stays flat however big the corpus: large text files are cut into
-pieces at places where GPT-2's pre-tokenizer would cut anyway, so the ids are exactly
-those of the whole file.
+manifest. Memory grows with the largest document, not with the corpus: large text
+files are cut into pieces at places where GPT-2's pre-tokenizer would cut anyway, so
+the ids are exactly those of the whole file.
 
 What goes in, and what is left out (and counted in the manifest's `skipped`):
 
 - Text files must be UTF-8. A file with a NUL byte in its first 8 KiB (as git and grep
   decide "binary") or with any byte sequence that is not UTF-8 is skipped whole: images,
-  archives or Latin-1 text in a corpus folder never become U+FFFD soup.
+  archives or Latin-1 text in a corpus folder never become U+FFFD soup. Each file is
+  read once: decoded strictly while it is tokenized, a document's pieces are kept only
+  once the whole file has decoded, so no part of a skipped file reaches the shards.
 - A JSONL file is structured data the user asked for: a line that is not UTF-8 (like a
   line that is not JSON) is an error naming file:line, not a silent skip. A JSONL file
   that is binary from its first block on is skipped like any binary file.
@@ -36,7 +38,6 @@ import codecs
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -47,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import validate
 from ..errors import GPT2LabError
 from ..tokenizer import Tokenizer
 
@@ -129,7 +131,8 @@ def _decoded_blocks(path: Path, size: int) -> Iterator[str]:
 
 
 def _text_pieces(path: Path) -> Iterator[str]:
-    """A text file as pieces of about PIECE_CHARS characters whose tokens concatenate exactly."""
+    """A text file as pieces of about PIECE_CHARS characters whose tokens concatenate
+    exactly. Raises UnicodeDecodeError, part-way through, when the file is not UTF-8."""
     carry = ""
     for block in _decoded_blocks(path, PIECE_CHARS):
         carry += block
@@ -139,28 +142,6 @@ def _text_pieces(path: Path) -> Iterator[str]:
             carry = carry[cut:]
     if carry:
         yield carry
-
-
-def not_text_reason(path: Path) -> str | None:
-    """Why a file cannot be a text document (binary, not UTF-8), or None if it can.
-    Reads the whole file once: a prepared dataset must never hold U+FFFD soup."""
-    with open(path, "rb") as f:
-        if b"\0" in f.read(SNIFF_BYTES):
-            return "binary (NUL bytes)"
-    offset = 0
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    with open(path, "rb") as f:
-        while block := f.read(PIECE_CHARS):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                return f"not UTF-8 (byte {offset + max(e.start, 0)})"
-            offset += len(block)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return "not UTF-8 (cut off inside a character)"
-    return None
 
 
 def is_dataset(directory: Path) -> bool:
@@ -228,6 +209,12 @@ def _walk(top: Path, skipped: Skipped, exclude: set[Path], ignore: set[Path]) ->
                 yield here / name
 
 
+class NotText(Exception):
+    """Raised by a document's pieces when its file turns out not to be UTF-8 part-way
+    through; the file is already counted in `skipped`. Whoever reads the document must
+    drop every piece of it taken so far, so no part of the file reaches a dataset."""
+
+
 def iter_documents(
     inputs: Iterable[str | Path],
     field: str = "text",
@@ -237,18 +224,27 @@ def iter_documents(
 ) -> Iterator[Iterator[str]]:
     """Each document as an iterator of text pieces (a text file is one document; a JSONL
     file holds one document per line, in `field`). Binary and non-UTF-8 files are left
-    out and recorded in `skipped`; see the module notes for the rules."""
+    out and recorded in `skipped`; see the module notes for the rules.
+
+    A text file is read once: a NUL byte in its first block marks it binary before any
+    piece is given out, and otherwise it is decoded strictly while its pieces are read,
+    so a byte that is not UTF-8 further on raises `NotText` from its iterator."""
     skipped = Skipped() if skipped is None else skipped
     for file in input_files(inputs, skipped, exclude, ignore):
-        if file.suffix in (".jsonl", ".ndjson"):
-            if _is_binary(file):
-                skipped.binary.append(str(file))
-            else:
-                yield from _jsonl_documents(file, field)
-        elif not_text_reason(file) is not None:
+        if _is_binary(file):
             skipped.binary.append(str(file))
+        elif file.suffix in (".jsonl", ".ndjson"):
+            yield from _jsonl_documents(file, field)
         else:
-            yield _text_pieces(file)
+            yield _checked_pieces(file, skipped)
+
+
+def _checked_pieces(path: Path, skipped: Skipped) -> Iterator[str]:
+    try:
+        yield from _text_pieces(path)
+    except UnicodeDecodeError:
+        skipped.binary.append(str(path))
+        raise NotText(str(path)) from None
 
 
 def _is_binary(path: Path) -> bool:
@@ -321,23 +317,19 @@ class _ShardWriter:
 
 
 # ---- the output folder -------------------------------------------------------------------
-def _check_arguments(inputs, field, val_fraction, shard_tokens, seed) -> None:
-    """Every argument checked before anything is read or written."""
+def _check_arguments(inputs, field, val_fraction, shard_tokens, seed) -> tuple[float, int, int]:
+    """Every argument checked before anything is read or written (with the messages all
+    of gpt2lab uses, from `validate`); returns val_fraction, shard_tokens and seed as
+    plain Python numbers (a numpy integer is a fine shard size)."""
     if not inputs:
         raise GPT2LabError("prepare needs at least one input file or folder")
     if not isinstance(field, str) or not field:
         raise GPT2LabError(f"field must be a non-empty string, got {field!r}")
-    if (
-        isinstance(val_fraction, bool)
-        or not isinstance(val_fraction, (int, float))
-        or not math.isfinite(val_fraction)
-        or not 0 <= val_fraction < 1
-    ):
-        raise GPT2LabError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
-        raise GPT2LabError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise GPT2LabError(f"seed must be an integer, got {seed!r}")
+    return (
+        validate.number("val_fraction", val_fraction, 0, 1, high_open=True),
+        validate.integer("shard_tokens", shard_tokens, low=1),
+        validate.integer("seed", seed),
+    )
 
 
 def _check_output(out: Path, given: str) -> None:
@@ -449,7 +441,9 @@ def prepare(
     `skipped` says which inputs were left out (binary, dataset folders, hidden)."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
-    _check_arguments(inputs, field, val_fraction, shard_tokens, seed)
+    val_fraction, shard_tokens, seed = _check_arguments(
+        inputs, field, val_fraction, shard_tokens, seed
+    )
     given = str(out)
     out = Path(out).absolute()
     _check_output(out, given)
@@ -504,19 +498,20 @@ def _tokenize_into(
         transient=True,
     ) as bar, _writing(work, out):  # fmt: skip
         task = bar.add_task("tokenizing")
-        for index, pieces in enumerate(documents):
+        index = 0  # documents taken so far: a skipped file takes no place in the split
+        for pieces in documents:
+            try:
+                texts = list(pieces) or [""]  # the whole document, before any of it is kept
+            except NotText:
+                continue  # counted in `skipped`; none of its pieces were kept
             split = "val" if _goes_to_val(index, val_fraction, seed) else "train"
-            previous = ""
-            for n, piece in enumerate(pieces):
-                if n:
-                    pending.append((split, previous, False))
-                previous = piece
-            pending.append((split, previous, True))
+            pending += [(split, text, n == len(texts) - 1) for n, text in enumerate(texts)]
             docs[split] += 1
+            index += 1
             if len(pending) >= 64:  # tokenize in batches, on both cores
                 flush()
             tokens = sum(s["tokens"] for w in writers.values() for s in w.shards)
-            bar.update(task, description=f"tokenizing: {index + 1:,} documents, {tokens:,} tokens")
+            bar.update(task, description=f"tokenizing: {index:,} documents, {tokens:,} tokens")
         flush()
         for w in writers.values():
             w.close()
