@@ -305,6 +305,46 @@ def test_bad_dtype(small_ckpt, bad):
     assert bad in msg and "dtype" in msg
 
 
+# ---- devices --------------------------------------------------------------------------
+def test_every_device_type_torch_knows_is_accepted_where_present(monkeypatch):
+    """Only what torch.device() rejects is an unknown device: xpu (or any other backend)
+    loads where this machine has it; here, where none is, it is faked."""
+    from gpt2lab import checkpoint
+
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(checkpoint, "_probe", lambda device: None)
+    assert checkpoint.parse_device("xpu") == torch.device("xpu")
+    assert checkpoint.parse_device("xpu:1") == torch.device("xpu", 1)
+    assert checkpoint.parse_device(torch.device("xpu")) == torch.device("xpu")
+    assert checkpoint.parse_device("hpu") == torch.device("hpu")
+    assert checkpoint.parse_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert checkpoint.parse_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(GPT2LabError, match="cuda:2 was requested but there are 2 CUDA GPUs"):
+        checkpoint.parse_device("cuda:2")
+
+
+@pytest.mark.skipif(torch.xpu.is_available(), reason="this machine has an XPU")
+@pytest.mark.parametrize(
+    "device, words",
+    [
+        ("tpu:9", "unknown device 'tpu:9'"),
+        ("nonsense", "unknown device"),
+        ("", "unknown device"),
+        (1.5, "unknown device"),
+        ("meta", "holds no weights"),
+        ("xpu", "no Intel GPU (XPU) is available"),
+        ("xla", "device xla was requested but this PyTorch cannot use it"),
+        ("hpu", "device hpu was requested but this PyTorch cannot use it"),
+        ("lazy", "device lazy was requested but this PyTorch cannot use it"),
+    ],
+)
+def test_devices_that_cannot_be_used_are_clear_errors(small_ckpt, device, words):
+    msg = load_error(small_ckpt, device=device)
+    assert words in msg and "\n" not in msg
+
+
 # ---- 5. bad input -----------------------------------------------------------------------
 def test_missing_path(tmp_path):
     msg = load_error(tmp_path / "nope")

@@ -560,7 +560,17 @@ RAISED = {
     ),  # fmt: skip
     "bug-multi-line": (ValueError("a\nb"), "gpt2lab: internal error: ValueError: a b (a bug"),
     "bug-broken-str": (BrokenStr(), "gpt2lab: internal error: BrokenStr: BrokenStr (no details"),
+    "ours-multi-line": (GPT2LabError("a\n  b\tc\r\n"), "gpt2lab: error: a b c"),
+    "tabs-and-blank-lines": (GPT2LabError("\n\tfirst\t line \n\n"), "gpt2lab: error: first line"),
 }
+
+
+def test_cli_words_errors_with_the_shared_helpers():
+    """One way to fold a message onto a line, shared with the library (errors.py)."""
+    import gpt2lab.cli
+    import gpt2lab.errors
+
+    assert gpt2lab.cli.one_line is gpt2lab.errors.one_line
 
 
 @pytest.fixture

@@ -83,6 +83,47 @@ def test_gpt2lab_eval_command_runs_lm_eval(hf_small, small_ckpt, monkeypatch, tm
     assert got["acc_norm,none"] == pytest.approx(acc_norm)
 
 
+def test_command_line_parsing_changes_nothing_process_wide(monkeypatch, capsys):
+    """Only lm-eval's own parser objects give one-line errors, and only while parsing:
+    while the evaluation runs, argparse (which other threads may be using) and sys.argv
+    are as they were."""
+    import argparse
+    import sys
+
+    from lm_eval._cli import HarnessCLI
+
+    from gpt2lab import lm_eval_model
+
+    original_error = argparse.ArgumentParser.__dict__["error"]
+    argv = list(sys.argv)
+    seen = {}
+
+    def execute(self, args):
+        seen["error"] = argparse.ArgumentParser.__dict__["error"]
+        seen["argv"] = list(sys.argv)
+        seen["model"] = args.model
+        other = argparse.ArgumentParser(prog="other")
+        other.add_argument("--n", type=int)
+        with pytest.raises(SystemExit) as exit_:  # argparse as always: usage text, exit 2
+            other.parse_args(["--n", "x"])
+        seen["other_exit"] = exit_.value.code
+
+    monkeypatch.setattr(HarnessCLI, "execute", execute)
+    lm_eval_model.main(["run", "--model", "gpt2lab", "--tasks", "gpt2lab_tiny_mc"])
+    assert seen == {"error": original_error, "argv": argv, "model": "gpt2lab", "other_exit": 2}
+    assert "usage: other" in capsys.readouterr().err
+    # a bad command line: one line and exit code 2, and nothing left changed afterwards
+    for bad, words in ((["run", "--bogus-flag"], "--bogus-flag"),
+                       (["--model", "gpt2lab", "--limit", "abc"], "--limit")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            lm_eval_model.main(bad)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gpt2lab: error: ") and words in err
+        assert argparse.ArgumentParser.__dict__["error"] is original_error
+        assert sys.argv == argv
+
+
 def test_loglikelihood_matches_transformers(hf_small, small_ckpt):
     lm = GPT2LabLM(pretrained=str(small_ckpt), batch_size=2)
     pairs = [("The cat sat on the", " mat"), ("", "Hello world"), ("One two ", "three four")]

@@ -363,6 +363,39 @@ def test_bad_tokens_and_lengths_are_clear_errors(pair):
         ours(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
+# Tensor methods that wait for the device (copy a value to the host)
+HOST_READS = {"tolist", "item", "__int__", "__float__", "__bool__", "__index__", "nonzero"}
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts calls that read a tensor's values back to Python (a device sync each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_token_range_check_reads_the_device_once(pair, dtype):
+    """The vocabulary check runs on every decoding step: both bounds in one read."""
+    ours, _ = pair
+    for ids in ([[3, 1, 2]], [[0]], [[5, 127], [9, 2]]):
+        with _HostReads() as reads:
+            checked = ours._check_tokens(torch.tensor(ids, dtype=dtype))
+        assert reads.count == 1
+        assert checked.dtype == torch.long and checked.tolist() == ids
+    if dtype != torch.uint8:
+        with pytest.raises(gl.GPT2LabError, match="token id -1 is outside the vocabulary"):
+            ours._check_tokens(torch.tensor([[4, -1, 3]], dtype=dtype))
+    if dtype in (torch.int64, torch.int32):
+        with pytest.raises(gl.GPT2LabError, match="token id 50257 is outside the vocabulary"):
+            ours._check_tokens(torch.tensor([[-1, 50257]], dtype=dtype))
+
+
 def test_position_ids_and_logits_to_keep_are_checked(pair):
     """position_ids are [batch, T], [1, T] or [T] (the latter two broadcast over the
     batch), non-negative and inside the context; logits_to_keep >= 0, past T means all."""

@@ -285,6 +285,10 @@ def test_token_logprobs_are_float32_for_a_bf16_model(pair):
         (lambda m: m.perplexity("some text here", bos="no"), "bos"),
         (lambda m: m.perplexity("some text here", return_details="yes"), "return_details"),
         (lambda m: m.choose("context", [" a"], bos=1), "bos"),
+        (lambda m: m.perplexity("some text here", progress="no"), "progress must be True or False"),
+        (lambda m: m.perplexity("some text here", progress=None), "progress must be True or False"),
+        (lambda m: m.score("some text here", progress=1), "progress must be True or False"),
+        (lambda m: m.score("some text here", progress="false"), "progress must be True or False"),
     ],
 )
 def test_bad_input_raises_one_clear_error(pair, call, words):

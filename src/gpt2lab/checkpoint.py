@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, GPT2Config
-from .errors import GPT2LabError
+from .errors import GPT2LabError, first_line
 from .model import GPT2
 from .validate import check_memory, is_int, show
 
@@ -241,14 +241,6 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
 
 
 # ---- .bin (pickle), refusing anything but tensors --------------------------------------
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    """An exception's first line, never empty (torch.load's EOFError has no message),
-    cut to `limit` characters."""
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _unpickling_detail(e: BaseException) -> str:
     """What torch's weights-only unpickler objected to (its message opens with several
     lines of advice about `weights_only`; the reason follows "WeightsUnpickler error:")."""
@@ -257,8 +249,8 @@ def _unpickling_detail(e: BaseException) -> str:
     if marker in text:
         rest = text.split(marker, 1)[1].strip()
         if rest:
-            return _first_line(Exception(rest))
-    return _first_line(e)
+            return first_line(Exception(rest))
+    return first_line(e)
 
 
 def read_bin(
@@ -285,7 +277,7 @@ def read_bin(
             "trusted environment"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, RecursionError) as e:
-        raise GPT2LabError(f"{path} is corrupt or truncated ({_first_line(e)})") from None
+        raise GPT2LabError(f"{path} is corrupt or truncated ({first_line(e)})") from None
     if not isinstance(state, dict):
         raise GPT2LabError(f"{path} does not hold a state dict")
     for name, tensor in state.items():
@@ -459,19 +451,26 @@ def stored_dtypes(directory: Path) -> set[str]:
     return dtypes
 
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
 def parse_device(device) -> torch.device:
-    """A device to load onto: cpu (default), cuda, cuda:N or mps, and only if present."""
+    """A device to load onto: cpu (default), cuda, cuda:N, mps, xpu or any other type
+    torch.device() knows, provided this machine and this PyTorch build have it.
+
+    `meta` is refused: a model there holds no weights, so loading a checkpoint onto it
+    would read the whole file only to throw every value away (build an empty model with
+    `with torch.device("meta"): GPT2(cfg)` instead)."""
     given = device
     ok = device is None or isinstance(device, (str, torch.device)) or is_int(device)
     try:
         device = torch.device(device if device is not None else "cpu") if ok else None
     except (RuntimeError, TypeError, ValueError):
         device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        raise GPT2LabError(f"unknown device {show(given)} (use cpu, cuda, cuda:N or mps)")
+    if device is None:
+        raise GPT2LabError(f"unknown device {show(given)} (use cpu, cuda, cuda:N, mps or xpu)")
+    if device.type == "meta":
+        raise GPT2LabError(
+            "cannot load onto device meta: it holds no weights, so every value read from the "
+            "checkpoint would be thrown away; load onto cpu (or a GPU) instead"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GPT2LabError("device cuda was requested but no CUDA GPU is available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -480,7 +479,25 @@ def parse_device(device) -> torch.device:
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise GPT2LabError("device mps was requested but MPS is not available")
+    xpu = getattr(torch, "xpu", None)
+    if device.type == "xpu" and (xpu is None or not xpu.is_available()):
+        raise GPT2LabError("device xpu was requested but no Intel GPU (XPU) is available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        _probe(device)  # other backends have no common "is it there?" question to ask
     return device
+
+
+def _probe(device: torch.device) -> None:
+    """Allocate nothing on `device`: the cheap way to learn that this PyTorch build or
+    machine lacks it (xla without torch_xla, hpu without its plug-in, an xpu index past
+    the last GPU...) before any weight is read."""
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # each backend fails its own way (RuntimeError, ImportError...)
+        reason = first_line(e, 120)
+        raise GPT2LabError(
+            f"device {device} was requested but this PyTorch cannot use it ({reason})"
+        ) from None
 
 
 # ---- load / save -------------------------------------------------------------------
@@ -517,7 +534,7 @@ def load(
         return _load(directory, want_dtype, device, process)
     except OSError as e:  # unreadable file or folder, name too long, ...
         where = e.filename or name_or_path
-        raise GPT2LabError(f"cannot read {where}: {e.strerror or _first_line(e)}") from None
+        raise GPT2LabError(f"cannot read {where}: {e.strerror or first_line(e)}") from None
 
 
 def _check_name(name_or_path) -> None:

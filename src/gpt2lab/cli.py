@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import typer
 
-from .errors import GPT2LabError
+from .errors import GPT2LabError, one_line
 
 app = typer.Typer(
     help="GPT-2, open all the way: run, generate, score, train and look inside it.",
@@ -452,14 +452,9 @@ def evaluate(ctx: typer.Context) -> None:
 DEBUG_ENV = "GPT2LAB_DEBUG"  # =1: let exceptions through, with their traceback
 
 
-def one_line(text: str) -> str:
-    """A message folded onto one line: a user reading stderr (or a script parsing it)
-    gets exactly one line per failure, whatever the message's author wrote."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
 def _message(e: BaseException) -> str:
-    """str(e), or something sensible when that is empty (or itself fails)."""
+    """str(e) on one line (errors.one_line), or something sensible when that is empty (or
+    itself fails): the cause's message, or where to look for details."""
     try:
         text = one_line(str(e))
     except Exception:  # a broken __str__ must not break the error report

@@ -22,7 +22,7 @@ the model first and then hands every argument to lm-eval unchanged:
 
 model_args: `pretrained` (preset such as gpt2-medium, checkpoint directory or HF repo
 id; default: the bundled tiny model), `dtype` (float32 default, bfloat16, float16,
-int8), `device` (cpu default, cuda, cuda:N, mps), `batch_size` (rows per forward pass;
+int8), `device` (cpu default, cuda, cuda:N, mps, xpu), `batch_size` (rows per forward pass;
 "auto" means 16), `max_length` (context used, default the model's n_ctx),
 `max_gen_toks` (default 256).
 
@@ -43,9 +43,10 @@ The three request types follow lm-eval's HF model (`HFLM`) conventions:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-from contextlib import contextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .errors import GPT2LabError
+from .errors import GPT2LabError, one_line
 from .model import left_pad
 from .scoring import encode_pair, token_logprobs
 from .validate import is_int, show
@@ -258,20 +259,22 @@ def _positive_int(name: str, value: Any, default: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with "gpt2lab" registered: `python -m gpt2lab.lm_eval_model ...`.
 
-    lm-eval reports a bad command line through argparse (usage text and exit code 2) and
-    bad values (an unknown task, a bad --model_args) as ValueError and friends from its
-    own code. Both come out as one line here: argparse's as "gpt2lab: error: ..." with
-    exit code 2, the others as a GPT2LabError (exit code 1 in `gpt2lab eval`). An
-    exception raised in gpt2lab's code is left alone: that is a bug, not bad input."""
-    from lm_eval.__main__ import cli_evaluate
+    What lm-eval's own `cli_evaluate` does (set up logging, parse, run), with two changes.
+    A bad command line (argparse: usage text and exit code 2) comes out as one line
+    "gpt2lab: error: ..." with exit code 2. Bad values (an unknown task, a bad
+    --model_args: ValueError and friends from lm-eval's code) become a GPT2LabError
+    (exit code 1 in `gpt2lab eval`); an exception raised in gpt2lab's code is left
+    alone: that is a bug, not bad input."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     import gpt2lab.lm_eval_model  # noqa: F401  (registers the model under its real name)
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    setup_logging()
+    cli = HarnessCLI()
+    args = _parse(cli, sys.argv[1:] if argv is None else list(argv))
     try:
-        with _argparse_errors_as_one_line():
-            cli_evaluate()
+        cli.execute(args)
     except (ValueError, TypeError, KeyError, NotImplementedError) as e:
         if isinstance(e, GPT2LabError) or not _raised_in_lm_eval(e):
             raise
@@ -282,25 +285,39 @@ class _ArgparseError(Exception):
     pass
 
 
-@contextmanager
-def _argparse_errors_as_one_line():
-    """While lm-eval parses its command line, argparse errors print one line (not the
-    whole usage text) and exit with code 2."""
-    import argparse
+def _parse(cli, argv: list[str]):
+    """`cli.parse_args()` over `argv`, an argparse error raised as one line and exit 2.
 
-    def error(self, message):
+    Only this call and only lm-eval's own parser objects are changed: each parser (the
+    main one and every subcommand's) gets an `error` of its own, raising instead of
+    printing the usage text, and sys.argv (which lm-eval's parse_args reads, and edits
+    to insert its default "run" command) holds `argv` only while parsing. Nothing is
+    patched on argparse itself, so other threads' parsers behave as always, and nothing
+    is left changed while the evaluation runs."""
+
+    def error(message: str):
         raise _ArgparseError(message)
 
-    original = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = error
+    for parser in _parsers(cli._parser):
+        parser.error = error
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "lm-eval", *argv]
     try:
-        yield
+        return cli.parse_args()
     except _ArgparseError as e:
-        message = " ".join(str(e).split())
-        print(f"gpt2lab: error: {message} (see 'gpt2lab eval --help')", file=sys.stderr)
+        print(f"gpt2lab: error: {one_line(e)} (see 'gpt2lab eval --help')", file=sys.stderr)
         sys.exit(2)
     finally:
-        argparse.ArgumentParser.error = original
+        sys.argv = saved
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """A parser and, recursively, its subcommands' parsers."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
 
 
 def _raised_in_lm_eval(e: BaseException) -> bool:

@@ -460,7 +460,8 @@ class GPT2(HookedModule):
             raise GPT2LabError(
                 f"tokens are empty (shape {tuple(tokens.shape)}): give at least one row of one token"
             )
-        lo, hi = int(tokens.min()), int(tokens.max())
+        # One device sync for both bounds: this runs on every decoding step.
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
         if lo < 0 or hi >= self.cfg.d_vocab:
             bad = hi if hi >= self.cfg.d_vocab else lo
             raise GPT2LabError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")

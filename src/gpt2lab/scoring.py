@@ -258,9 +258,10 @@ def perplexity(
     for overlapping ones; the difference is negligible on long texts.)
     """
     return_details = boolean("return_details", return_details)
+    progress = boolean("progress", progress)
     ids, _ = _ids(model, text_or_ids, bos)
     max_length, stride = _check_window(model, max_length, stride, lambda m: m)
-    lp = sliding_logprobs(model, ids, max_length, stride, progress=bool(progress)).double()
+    lp = sliding_logprobs(model, ids, max_length, stride, progress=progress).double()
     predicted = lp[~lp.isnan()]
     if predicted.numel() == 0:
         raise GPT2LabError("perplexity needs at least two tokens (or bos=True)")
@@ -349,12 +350,13 @@ def score(
     half the context, must be below it), so every token gets exactly one prediction
     with at least n_ctx - stride tokens of context.
     """
+    progress = boolean("progress", progress)
     ids, n_bos = _ids(model, text_or_ids, bos)
     n_ctx = model.cfg.n_ctx
     if is_int(stride) and stride == n_ctx:
         raise GPT2LabError(f"stride must be below n_ctx ({n_ctx}) so that every token is scored")
     max_length, stride = _check_window(model, None, stride, lambda m: max(1, m // 2))
-    lp = sliding_logprobs(model, ids, max_length, stride, progress=bool(progress))[n_bos:]
+    lp = sliding_logprobs(model, ids, max_length, stride, progress=progress)[n_bos:]
     tokens = ids[n_bos:]
     strings = [model.tokenizer.decode([t]) for t in tokens]
     return TokenScores(tokens, strings, lp.tolist())
