@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from gpt2lab.checkpoint import save as save_model
 from gpt2lab.model import GPT2
 from gpt2lab.training import rundir, trainer
 from gpt2lab.training.config import load_config
-from gpt2lab.training.data import prepare
+from gpt2lab.training.data import TokenStream, prepare
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -535,6 +536,108 @@ def test_weights_are_checked_before_every_save(tmp_path, corpus, monkeypatch):
         trainer.train(config(out, corpus, "train.max_steps=2"))
     assert [p.name for p in rundir.checkpoints(out)] == ["step_0000001.pt"]
     assert not (out / "final").exists()
+
+
+# ---- device reads: one per step, one per finite-weights check ------------------------------
+@pytest.fixture
+def host_reads(monkeypatch) -> list[str]:
+    """Every read of a tensor's value into Python (on a GPU, each is a device sync) made
+    by the trainer itself: reads inside the model's forward and the data's batch
+    sampling, which look at host tensors only, are not counted."""
+    reads, quiet = [], [0]
+
+    def counted(name, real):
+        def read(self, *args, **kwargs):
+            if not quiet[0]:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return read
+
+    def uncounted(real):
+        def call(*args, **kwargs):
+            quiet[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                quiet[0] -= 1
+
+        return call
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(GPT2, "forward", uncounted(GPT2.forward))
+    monkeypatch.setattr(TokenStream, "batch", uncounted(TokenStream.batch))
+    return reads
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0.0"])
+def test_a_step_reads_the_device_once(grad_clip, tmp_path, corpus, host_reads):
+    """Three micro-batches' losses and the gradient norm come back in one read, and
+    the loss is the float64 sum of the float32 micro-batch losses, as logged before."""
+    run = trainer.Trainer(
+        config(tmp_path, corpus, "train.grad_accum=3", f"train.grad_clip={grad_clip}")
+    )
+    host_reads.clear()
+    loss, norm, finite = run._read_step(run._forward_backward(), run._grad_norm())
+    assert host_reads == ["tolist"]
+    assert finite and norm > 0
+    with torch.no_grad():  # no update was made: the same losses, read one by one
+        batches = [run.train_data.batch(2, 16, run.cfg.train.seed, i) for i in range(3)]
+        assert loss == sum((run.loss(x, y) / 3).item() for x, y in batches)
+
+
+def test_the_finite_weights_check_reads_the_device_once(tmp_path, corpus, host_reads):
+    run = trainer.Trainer(config(tmp_path, corpus))
+    with torch.no_grad():
+        run.model.blocks[0].attn.c_attn.weight[0, 0] = 1e30  # finite, though its 2-norm is not
+    host_reads.clear()
+    run._check_weights_finite()
+    assert len(host_reads) == 1
+    for value in (float("nan"), float("-inf")):
+        with torch.no_grad():
+            run.model.blocks[1].mlp.c_fc.bias[3] = value
+        with pytest.raises(
+            gl.GPT2LabError, match=r"no longer finite \(blocks\.1\.mlp\.c_fc\.bias\)"
+        ):
+            run._check_weights_finite()
+
+
+DDP_POISON = """
+import os, sys
+from gpt2lab.cli import main
+from gpt2lab.training import trainer
+
+real, calls = trainer.cross_entropy, [0]
+
+def cross_entropy(logits, targets):  # step 2's loss is NaN on rank 1 only; gradients finite
+    loss = real(logits, targets)
+    calls[0] += logits.requires_grad
+    return loss + float("nan") if calls[0] == 2 and os.environ["RANK"] == "1" else loss
+
+trainer.cross_entropy = cross_entropy
+trainer._peak_flops = lambda *args: 1e12
+main(sys.argv[1:])
+"""
+
+
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_all(tmp_path, corpus, empty_toml):
+    """The processes agree through one all_reduce per step: rank 0, whose loss and
+    gradients are finite, skips the update too and says why."""
+    script = tmp_path / "poisoned.py"
+    script.write_text(DDP_POISON)
+    sets = settings(tmp_path / "ddp", corpus, "train.nonfinite='skip'", "checkpoint.every=100")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", str(script), "train", str(empty_toml)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(torchrun + [a for s in sets for a in ("--set", s)], capture_output=True,
+                         text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = {r["step"]: r for r in log_records(tmp_path / "ddp") if "loss" in r}
+    assert [s for s, r in records.items() if r.get("skipped")] == [2]
+    (note,) = [r["note"] for r in log_records(tmp_path / "ddp") if "note" in r]
+    assert "here, not finite on another process" in note and "update skipped" in note
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "ddp").values())
 
 
 # ---- settings out of range: refused before any work ----------------------------------------------

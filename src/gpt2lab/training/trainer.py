@@ -162,10 +162,9 @@ class Trainer:
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.net = DDP(
-                self.net,
-                device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
-            )
+            # No device_ids: DDP would then move the inputs to the GPU itself, and the
+            # model's check of the token ids would run there (a device sync); see `loss`.
+            self.net = DDP(self.net)
         self.autocast = (
             torch.autocast(self.ctx.device.type, dtype=getattr(torch, t.dtype))
             if t.dtype != "float32"
@@ -319,9 +318,14 @@ class Trainer:
 
     # -- measuring --------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, net=None) -> torch.Tensor:
+        """Mean next-token loss of a batch drawn on the host.
+
+        The inputs stay on the host: the model checks their ids there and moves them
+        itself, where a check on the device would cost a device sync. The targets are
+        sent without waiting for the copy (non_blocking), for the same reason."""
         with self.autocast:
-            logits = (net or self.net)(x.to(self.ctx.device))
-        return cross_entropy(logits, y.to(self.ctx.device))
+            logits = (net or self.net)(x)
+        return cross_entropy(logits, y.to(self.ctx.device, non_blocking=True))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -387,7 +391,8 @@ class Trainer:
         GPU runs ahead of the Python loop until then), and under DDP one all_reduce of a
         single "not finite here" flag, travelling in the same read. The loss is summed
         on the host in float64, as the losses are logged."""
-        values = torch.stack([v.float() for v in (*losses, *([] if norm is None else [norm]))])
+        read_back = losses if norm is None else [*losses, norm]
+        values = torch.stack([v.float() for v in read_back])
         if self.ctx.enabled:
             import torch.distributed as dist
 
