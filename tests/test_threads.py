@@ -380,3 +380,45 @@ def test_a_block_ended_in_another_thread_leaves_no_hooks_behind(models):
         t.start()
         t.join()
     assert ran_in_first == [False]
+
+
+def test_stream_steps_keep_the_hooks_of_where_the_stream_was_made(models):
+    # A stream made inside a hooks() block and advanced on other threads, interleaved
+    # with a stream made outside it, runs every step with that block's hooks (while it
+    # is open), and the other one with none: each equals generate() under its hooks.
+    fp32, _ = models
+    steered_ref = jobs(*models)["hooked0"]()
+    plain_ref = fp32.generate(PROMPTS[0], max_new_tokens=8)
+    got: dict[str, list[str]] = {"steered": [], "plain": []}
+
+    def advance(name, it, done):
+        piece = next(it, None)
+        if piece is None:
+            done.append(name)
+        else:
+            got[name].append(piece)
+
+    plain = fp32.stream(PROMPTS[0], max_new_tokens=8)
+    with fp32.hooks([(STEER, steer)]):
+        steered = fp32.stream(PROMPTS[0], max_new_tokens=8)
+        alive = {"steered": steered, "plain": plain}
+        while alive:
+            done: list[str] = []
+            for name, it in alive.items():
+                t = threading.Thread(target=advance, args=(name, it, done))
+                t.start()
+                t.join()
+            for name in done:
+                del alive[name]
+    assert "".join(got["steered"]) == steered_ref
+    assert "".join(got["plain"]) == plain_ref != steered_ref
+    # made in a block that has ended: the block's hooks are gone
+    with fp32.hooks([(STEER, steer)]):
+        late = fp32.stream(PROMPTS[0], max_new_tokens=8)
+    assert "".join(late) == plain_ref
+
+
+def test_stream_checks_its_arguments_when_called(models):
+    fp32, _ = models
+    with pytest.raises(GPT2LabError, match="max_new_tokens"):
+        fp32.stream(PROMPTS[0], max_new_tokens=-1)  # before any piece is asked for

@@ -11,6 +11,7 @@ dispatches to them.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import time
 from collections.abc import Iterator
@@ -574,13 +575,18 @@ def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> Gener
     return result
 
 
-@torch.inference_mode()
 def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
     """Yield the continuation of one text prompt piece by piece, as tokens are decoded.
 
     Pieces are whole UTF-8 characters, and text that might be the start of a stop
     string is held back until it is clear it is not; "".join(pieces) equals
-    generate(prompt, **options) for the same options and seed.
+    generate(prompt, **options) for the same options and seed. The arguments are
+    checked here, before the first piece is asked for.
+
+    Every step runs in the context `stream` was called in: the hooks of a
+    `model.hooks(...)` block around the call apply to each step taken while that block
+    is open, wherever the iterator is advanced (another thread, an executor,
+    interleaved with other streams), and no other block's hooks do.
     """
     if not isinstance(prompt, str):
         raise GPT2LabError("stream() takes one text prompt")
@@ -588,6 +594,24 @@ def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
         raise GPT2LabError("stream() does not support beam search (it revises earlier tokens)")
     tokens, mask, _, _ = _prompt_tokens(model, prompt)
     s = _settings(model, tokens.shape[1], dict(options))
+    return _in_context(contextvars.copy_context(), _pieces(model, tokens, mask, s))
+
+
+def _in_context(ctx: contextvars.Context, steps: Iterator[str]) -> Iterator[str]:
+    """`steps`, each advanced (and finally closed) inside `ctx`."""
+    try:
+        while True:
+            try:
+                piece = ctx.run(next, steps)
+            except StopIteration:
+                return
+            yield piece
+    finally:
+        ctx.run(steps.close)
+
+
+@torch.inference_mode()
+def _pieces(model: GPT2, tokens, mask, s: _Settings) -> Iterator[str]:
     row = _StopStrings(model, s.stop_strings)
     start = time.monotonic()
     for next_token, _, finished in _decode(model, tokens, mask, s):
