@@ -106,13 +106,17 @@ LATE_BAD = {  # invalid UTF-8 past the first piece (PIECE_CHARS = 16), wherever 
 }
 
 
+@pytest.mark.parametrize("hold", ["held", "streamed"])
 @pytest.mark.parametrize("where", list(LATE_BAD))
-def test_a_file_found_not_utf8_part_way_leaves_no_trace(where, tmp_path, monkeypatch):
-    """The text is decoded once, while it is tokenized; a file that turns out not to be
-    UTF-8 after some of its pieces were read is dropped whole. The dataset is byte for
-    byte the one made without that file: no piece of it in the shards, and the other
-    documents in the same split (a skipped file takes no place in the train/val draw)."""
+def test_a_file_found_not_utf8_part_way_leaves_no_trace(where, hold, tmp_path, monkeypatch):
+    """A file that turns out not to be UTF-8 after some of its pieces were read is
+    dropped whole, whether it was held in memory (small) or checked by a first pass and
+    then streamed (big). The dataset is byte for byte the one made without that file:
+    no piece of it in the shards, and the other documents in the same split (a skipped
+    file takes no place in the train/val draw)."""
     monkeypatch.setattr(data_mod, "PIECE_CHARS", 16)
+    if hold == "streamed":
+        monkeypatch.setattr(data_mod, "HOLD_BYTES", 8)  # every file takes the big-file path
     clean = write_corpus(tmp_path / "clean", MANY_DOCS)
     src = write_corpus(tmp_path / "src", MANY_DOCS)
     for name in ("d03_bad.txt", "d07_bad.txt"):  # sorted among the good ones
@@ -132,10 +136,14 @@ def test_a_file_found_not_utf8_part_way_leaves_no_trace(where, tmp_path, monkeyp
     assert want["documents"]["val"] > 0 and want["documents"]["train"] > 0
 
 
-def test_each_text_file_is_read_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_each_text_file_is_read_once(passes, tmp_path, monkeypatch):
     """Checking UTF-8 and tokenizing share one read: a file's bytes are read once, plus
-    the first block for the binary sniff."""
+    the first block for the binary sniff. Files above HOLD_BYTES are read twice (a
+    checking pass, then a streaming one), so that memory stays flat."""
     monkeypatch.setattr(data_mod, "PIECE_CHARS", 1000)
+    if passes == 2:
+        monkeypatch.setattr(data_mod, "HOLD_BYTES", 1)
     docs = {**DOCS, "big.txt": "a line of text\n" * 3000, "bad.txt": "ok\n" * 3000 + "\udcff"}
     src = tmp_path / "src"
     src.mkdir()
@@ -170,7 +178,8 @@ def test_each_text_file_is_read_once(tmp_path, monkeypatch):
     assert set(read) == {str(src / name) for name in docs}
     for name in docs:
         size = (src / name).stat().st_size
-        assert size <= read[str(src / name)] <= size + min(size, data_mod.SNIFF_BYTES), name
+        once = size if passes == 1 or name == "bad.txt" else 2 * size  # (bad: check only)
+        assert once <= read[str(src / name)] <= once + min(size, data_mod.SNIFF_BYTES), name
 
 
 @pytest.mark.parametrize("piece_chars", [1, 2, 3, 7, 64])

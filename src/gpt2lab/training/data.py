@@ -3,17 +3,18 @@
 `prepare` streams documents (text files, folders, JSONL with a named field), splits
 them into train / val by document, tokenizes on both cores and appends the ids, with
 `<|endoftext|>` after every document, to raw uint16 shard files plus a small JSON
-manifest. Memory grows with the largest document, not with the corpus: large text
-files are cut into pieces at places where GPT-2's pre-tokenizer would cut anyway, so
-the ids are exactly those of the whole file.
+manifest. Memory stays flat however big the corpus or its files: large text files
+are cut into pieces at places where GPT-2's pre-tokenizer would cut anyway, so the ids
+are exactly those of the whole file.
 
 What goes in, and what is left out (and counted in the manifest's `skipped`):
 
 - Text files must be UTF-8. A file with a NUL byte in its first 8 KiB (as git and grep
   decide "binary") or with any byte sequence that is not UTF-8 is skipped whole: images,
-  archives or Latin-1 text in a corpus folder never become U+FFFD soup. Each file is
-  read once: decoded strictly while it is tokenized, a document's pieces are kept only
-  once the whole file has decoded, so no part of a skipped file reaches the shards.
+  archives or Latin-1 text in a corpus folder never become U+FFFD soup, and no part of a
+  skipped file reaches the shards. A file up to HOLD_BYTES is read once, decoded
+  strictly into memory and kept only when all of it decoded; a bigger one is checked
+  by a first streaming pass, then streamed into the shards (read twice, memory flat).
 - A JSONL file is structured data the user asked for: a line that is not UTF-8 (like a
   line that is not JSON) is an error naming file:line, not a silent skip. A JSONL file
   that is binary from its first block on is skipped like any binary file.
@@ -55,6 +56,7 @@ from ..tokenizer import Tokenizer
 MANIFEST = "manifest.json"
 PIECE_CHARS = 1 << 20  # large files are tokenized in pieces of about this many characters
 SNIFF_BYTES = 8192  # a NUL byte in this first block marks a binary file (git's rule)
+HOLD_BYTES = 64 << 20  # files up to this size are read once, into memory; bigger: twice
 TOKENIZER_ID = "gpt2"  # the only vocabulary gpt2lab shards use
 SHARD_FILE = re.compile(r"(train|val)_\d{4,}\.bin")
 EXAMPLES = 5  # skipped paths named per kind in the manifest
@@ -209,42 +211,51 @@ def _walk(top: Path, skipped: Skipped, exclude: set[Path], ignore: set[Path]) ->
                 yield here / name
 
 
-class NotText(Exception):
-    """Raised by a document's pieces when its file turns out not to be UTF-8 part-way
-    through; the file is already counted in `skipped`. Whoever reads the document must
-    drop every piece of it taken so far, so no part of the file reaches a dataset."""
-
-
 def iter_documents(
     inputs: Iterable[str | Path],
     field: str = "text",
     skipped: Skipped | None = None,
     exclude: Iterable[Path] = (),
     ignore: Iterable[Path] = (),
-) -> Iterator[Iterator[str]]:
-    """Each document as an iterator of text pieces (a text file is one document; a JSONL
-    file holds one document per line, in `field`). Binary and non-UTF-8 files are left
-    out and recorded in `skipped`; see the module notes for the rules.
-
-    A text file is read once: a NUL byte in its first block marks it binary before any
-    piece is given out, and otherwise it is decoded strictly while its pieces are read,
-    so a byte that is not UTF-8 further on raises `NotText` from its iterator."""
+) -> Iterator[Iterable[str]]:
+    """Each document as its text pieces (a text file is one document; a JSONL file holds
+    one document per line, in `field`). Binary and non-UTF-8 files are left out and
+    recorded in `skipped`; see the module notes for the rules. A document is known to
+    be UTF-8 throughout before any piece of it is given out."""
     skipped = Skipped() if skipped is None else skipped
     for file in input_files(inputs, skipped, exclude, ignore):
         if _is_binary(file):
             skipped.binary.append(str(file))
         elif file.suffix in (".jsonl", ".ndjson"):
             yield from _jsonl_documents(file, field)
+        elif file.stat().st_size <= HOLD_BYTES:
+            try:
+                yield list(_text_pieces(file))  # one read; kept only if all of it decoded
+            except UnicodeDecodeError:
+                skipped.binary.append(str(file))
+        elif _is_utf8(file):
+            yield _streamed_pieces(file)
         else:
-            yield _checked_pieces(file, skipped)
+            skipped.binary.append(str(file))
 
 
-def _checked_pieces(path: Path, skipped: Skipped) -> Iterator[str]:
+def _is_utf8(path: Path) -> bool:
+    """A streaming strict decode of the whole file (the first pass for big files)."""
+    try:
+        for _ in _decoded_blocks(path, PIECE_CHARS):
+            pass
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _streamed_pieces(path: Path) -> Iterator[str]:
     try:
         yield from _text_pieces(path)
     except UnicodeDecodeError:
-        skipped.binary.append(str(path))
-        raise NotText(str(path)) from None
+        raise GPT2LabError(
+            f"{path} changed while it was being read (it is no longer UTF-8)"
+        ) from None
 
 
 def _is_binary(path: Path) -> bool:
@@ -500,12 +511,15 @@ def _tokenize_into(
         task = bar.add_task("tokenizing")
         index = 0  # documents taken so far: a skipped file takes no place in the split
         for pieces in documents:
-            try:
-                texts = list(pieces) or [""]  # the whole document, before any of it is kept
-            except NotText:
-                continue  # counted in `skipped`; none of its pieces were kept
             split = "val" if _goes_to_val(index, val_fraction, seed) else "train"
-            pending += [(split, text, n == len(texts) - 1) for n, text in enumerate(texts)]
+            previous = ""
+            for n, piece in enumerate(pieces):  # a big file streams: flush as it goes
+                if n:
+                    pending.append((split, previous, False))
+                    if len(pending) >= 64:
+                        flush()
+                previous = piece
+            pending.append((split, previous, True))
             docs[split] += 1
             index += 1
             if len(pending) >= 64:  # tokenize in batches, on both cores
