@@ -153,7 +153,7 @@ def test_bf16_decoding_flips_no_process_wide_switch(models):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        bf16.generate(PROMPTS[0], max_new_tokens=16)
+        bf16.generate(PROMPTS[0], max_new_tokens=6)
     finally:
         stop.set()
         poller.join()
