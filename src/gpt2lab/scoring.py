@@ -35,8 +35,7 @@ Conventions, each the one the usual reference uses:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -44,6 +43,7 @@ import torch
 
 from .errors import GPT2LabError
 from .model import TOKEN_DTYPES, left_pad
+from .progress import progress_bar
 from .validate import boolean, check_memory, is_int, show
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def sliding_logprobs(
     of windows, minutes on a CPU. `progress=True` shows a transient progress bar on
     stderr (tokens done, time left)."""
     out = torch.full((len(ids),), math.nan)
-    with _progress_bar(len(ids), "scoring", progress) as advance:
+    with progress_bar(len(ids), "scoring", progress, unit="tokens") as advance:
         for begin, end, trg_len in windows(len(ids), max_length, stride):
             start = max(end - trg_len, begin + 1)  # the window's first token has no context
             if start < end:
@@ -152,34 +152,6 @@ def sliding_logprobs(
                 out[start:end] = lp
             advance(trg_len)
     return out
-
-
-@contextmanager
-def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A transient rich progress bar on stderr, so piped stdout stays clean; yields
-    advance(n). Disabled, it costs nothing and prints nothing."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _ids(model: GPT2, text_or_ids, bos: bool) -> tuple[list[int], int]:

@@ -11,8 +11,7 @@ corrupted prompt along the batch axis, each copy with its own patch.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from ..errors import GPT2LabError
+from ..progress import progress_bar
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -126,30 +126,6 @@ def scalar(value: Any) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     raise GPT2LabError(f"the metric must return a number, got {type(value).__name__}")
-
-
-@contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable]:
-    """A rich progress bar on stderr (so tables on stdout stay clean); yields advance(n)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    bar = Progress(*columns, console=Console(stderr=True), transient=True, disable=not enabled)
-    with bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 # ---- inputs --------------------------------------------------------------------------

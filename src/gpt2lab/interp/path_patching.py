@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from ..errors import GPT2LabError
+from ..progress import progress_bar
 from .patching import (
     ALL,
     Metric,
@@ -35,7 +36,6 @@ from .patching import (
     Prompts,
     chunks,
     prepare_pair,
-    progress_bar,
     run_patched,
     scalar,
 )
