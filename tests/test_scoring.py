@@ -70,7 +70,8 @@ def hf_sliding_window_ppl(hf, ids: list[int], max_length: int, stride: int):
 def test_perplexity_equals_hf_sliding_window(pair, stride, n_windows):
     ours, hf = pair
     ids = random_ids(230, seed=stride)
-    ppl, nll_sum, n_tokens = ours.perplexity(ids, stride=stride, return_details=True)
+    # bos=False: the tokens as given, HF's guide exactly
+    ppl, nll_sum, n_tokens = ours.perplexity(ids, stride=stride, bos=False, return_details=True)
     ref_ppl, ref_nll, ref_n = hf_sliding_window_ppl(hf, ids, N_CTX, stride)
     print(f"stride {stride}: ppl {ppl:.6g} vs transformers {ref_ppl:.6g}, {n_tokens} tokens")
     assert n_tokens == ref_n
@@ -78,7 +79,13 @@ def test_perplexity_equals_hf_sliding_window(pair, stride, n_windows):
     assert n_tokens == (230 - n_windows if stride == N_CTX else 229)
     assert math.isclose(ppl, ref_ppl, rel_tol=1e-4)
     assert math.isclose(nll_sum, ref_nll, rel_tol=1e-5)
-    assert isinstance(ours.perplexity(ids, stride=stride), float)
+    assert isinstance(ours.perplexity(ids, stride=stride, bos=False), float)
+    # the default (bos=True): HF's loop over [EOT] + ids, so the first token counts too
+    ppl_bos, nll_bos, n_bos = ours.perplexity(ids, stride=stride, return_details=True)
+    ref_bos, ref_nll_bos, ref_n_bos = hf_sliding_window_ppl(hf, [EOT, *ids], N_CTX, stride)
+    assert n_bos == ref_n_bos
+    assert math.isclose(ppl_bos, ref_bos, rel_tol=1e-4)
+    assert math.isclose(nll_bos, ref_nll_bos, rel_tol=1e-5)
 
 
 def test_perplexity_of_text_with_bos_and_max_length(pair):
@@ -86,14 +93,14 @@ def test_perplexity_of_text_with_bos_and_max_length(pair):
     text = " ".join(["the quixotic cat sat on a mat and purred, then slept."] * 12)
     ids = ours.tokenizer.encode(text)
     assert len(ids) > 2 * N_CTX
-    ppl, _, n = gl.scoring.perplexity(ours, text, stride=16, max_length=40, return_details=True)
+    ppl, _, n = gl.scoring.perplexity(
+        ours, text, stride=16, max_length=40, bos=False, return_details=True
+    )
     ref_ppl, _, ref_n = hf_sliding_window_ppl(hf, ids, 40, 16)
     assert n == ref_n == len(ids) - 1
     assert math.isclose(ppl, ref_ppl, rel_tol=1e-4)
-    # bos=True: the same loop over [EOT] + ids, so the first real token is predicted too
-    ppl_bos, _, n_bos = ours.perplexity(
-        text, stride=16, max_length=40, bos=True, return_details=True
-    )
+    # bos=True (the default): the same loop over [EOT] + ids, the first token predicted too
+    ppl_bos, _, n_bos = ours.perplexity(text, stride=16, max_length=40, return_details=True)
     ref_bos, _, ref_n_bos = hf_sliding_window_ppl(hf, [EOT, *ids], 40, 16)
     assert n_bos == ref_n_bos == len(ids)
     assert math.isclose(ppl_bos, ref_bos, rel_tol=1e-4)
@@ -102,8 +109,10 @@ def test_perplexity_of_text_with_bos_and_max_length(pair):
 def test_short_text_perplexity_is_exp_mean_nll(pair):
     ours, hf = pair
     ids = random_ids(20, seed=3)
-    expected = math.exp(-hf_logprobs(hf, ids).double().mean().item())
+    expected = math.exp(-hf_logprobs(hf, [EOT, *ids]).double().mean().item())
     assert math.isclose(ours.perplexity(torch.tensor(ids)), expected, rel_tol=1e-5)
+    expected = math.exp(-hf_logprobs(hf, ids).double().mean().item())
+    assert math.isclose(ours.perplexity(torch.tensor(ids), bos=False), expected, rel_tol=1e-5)
 
 
 # ---- score / surprisal --------------------------------------------------------------------
@@ -258,6 +267,13 @@ def test_token_logprobs_are_float32_for_a_bf16_model(pair):
 
 
 # ---- bad input ----------------------------------------------------------------------------
+def test_one_token_has_a_perplexity_with_the_default_bos(pair):
+    ours, hf = pair
+    (token,) = ours.tokenizer.encode("Hi")
+    expected = math.exp(-hf_logprobs(hf, [EOT, token]).item())
+    assert math.isclose(ours.perplexity("Hi"), expected, rel_tol=1e-5)
+
+
 @pytest.mark.parametrize(
     "call, words",
     [
@@ -271,7 +287,7 @@ def test_token_logprobs_are_float32_for_a_bf16_model(pair):
         (lambda m: m.perplexity("some text here", max_length=N_CTX + 1), "max_length"),
         (lambda m: m.perplexity(""), "empty"),
         (lambda m: m.perplexity([]), "empty"),
-        (lambda m: m.perplexity("Hi"), "two tokens"),
+        (lambda m: m.perplexity("Hi", bos=False), "two tokens with bos=False"),
         (lambda m: m.perplexity([1, 2, 99999]), "token ids"),
         (lambda m: m.score("", bos=True), "empty"),
         (lambda m: m.score("x " * 100, stride=N_CTX), "stride"),

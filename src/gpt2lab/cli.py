@@ -187,11 +187,20 @@ def score(
     ),
     tokens: bool = typer.Option(False, "--tokens", help="also print a per-token table"),
     words: bool = typer.Option(False, "--words", help="also print a per-word surprisal table"),
-    bos: bool = typer.Option(True, "--bos/--no-bos", help="prepend <|endoftext|> as context"),
+    bos: bool = typer.Option(
+        True,
+        "--bos/--no-bos",
+        help="prepend <|endoftext|> as context so the first token is scored too, as "
+        "model.perplexity/score do by default (lm-eval and TransformerLens score GPT-2 this "
+        "way); --no-bos takes the tokens as given, reproducing HF's perplexity guide",
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
-    """Perplexity of a text (HF's sliding window), with per-token or per-word surprisal."""
+    """Perplexity of a text (HF's sliding window), with per-token or per-word surprisal.
+
+    The same numbers as the Python API with the same options: `--bos` (the default) is
+    `bos=True` in model.perplexity and model.score."""
     from pathlib import Path
 
     from .checkpoint import load

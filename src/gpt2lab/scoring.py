@@ -13,14 +13,23 @@ that perplexity and surprisal care about). The three jobs built on it:
 
 Conventions, each the one the usual reference uses:
 
-- BOS. GPT-2 has no BOS token of its own; `<|endoftext|>` (50256) plays that role.
-  With `bos=True` it is prepended as context, so the first real token is scored too
-  (lm-eval's rolling log-likelihood and most surprisal studies with GPT-2 do this).
-  With `bos=False` the first token has no prediction: it is context only.
+- BOS: `bos=True` is the default everywhere (`perplexity`, `score`, `choose`, and the
+  CLI's `gpt2lab score`). GPT-2 has no BOS token of its own; `<|endoftext|>` (50256),
+  the separator between its training documents, plays that role. Prepended as
+  context, it lets the model predict the text's first token, so every token of the
+  text is scored: the number is about the text, not the text minus its first token.
+  It is also what the tools researchers compare with do: lm-eval's rolling
+  log-likelihood (perplexity tasks) uses it as the prefix, and TransformerLens prepends
+  it by default for GPT-2 (`model(text, return_type="loss").exp()` equals
+  `perplexity(text)` for a text within the context). `bos=False` prepends nothing:
+  the first token is context only, and `perplexity(..., bos=False)` reproduces HF's
+  "Perplexity of fixed-length models" guide exactly (its loop takes the tokens as
+  given). On a long text the two differ by one token of the total; on a short one
+  they can differ a lot (the first token is often the least predictable).
 - Sliding window (HF). Windows of `max_length` tokens start every `stride` tokens;
   only the last `end - previous_end` tokens of each window are targets, the rest is
-  context. A window's first token can never be predicted inside it, so the first
-  token of the text is never scored (with `bos=False`), and with
+  context. A window's first token can never be predicted inside it, so with
+  `bos=False` the first token of the text is never scored, and with
   `stride == max_length` neither is the first token of each later window, exactly as
   in HF's loop. Perplexity is exp(sum of NLL / number of tokens actually predicted).
 - Multiple choice (lm-eval). Context and option are split as lm-eval's
@@ -213,7 +222,7 @@ def perplexity(
     *,
     stride: int | None = None,
     max_length: int | None = None,
-    bos: bool = False,
+    bos: bool = True,
     return_details: bool = False,
     progress: bool = False,
 ):
@@ -224,6 +233,11 @@ def perplexity(
     WikiText-2 scores 19.44 at stride 1024 and 16.44 at 512). `text_or_ids` is text or
     token ids. With `return_details=True` returns (ppl, nll_sum, n_tokens).
     `progress=True` shows a progress bar on stderr (for long texts).
+
+    `bos=True` (the default, as in `score`, `choose` and `gpt2lab score`) prepends
+    `<|endoftext|>` as context, so the text's first token is scored too, as lm-eval
+    and TransformerLens score it; `bos=False` takes the tokens as given, which is HF's
+    perplexity guide exactly (see the module notes).
 
     Every predicted token counts once. (HF's current doc loop weights each window's
     mean loss by its targets minus one: exact for disjoint windows, one token short
@@ -236,7 +250,7 @@ def perplexity(
     lp = sliding_logprobs(model, ids, max_length, stride, progress=progress).double()
     predicted = lp[~lp.isnan()]
     if predicted.numel() == 0:
-        raise GPT2LabError("perplexity needs at least two tokens (or bos=True)")
+        raise GPT2LabError("perplexity needs at least two tokens with bos=False")
     nll_sum = float(-predicted.sum())
     n_tokens = predicted.numel()
     ppl = math.exp(nll_sum / n_tokens)
@@ -317,6 +331,9 @@ def score(
     progress: bool = False,
 ) -> TokenScores:
     """Every token's log-prob and surprisal; see `TokenScores` and the module notes on BOS.
+
+    `bos=True` (the default, as in `perplexity`) prepends `<|endoftext|>` as context so
+    the first token gets a log-prob too; with `bos=False` its log-prob is NaN.
 
     Text longer than the context is scored with the sliding window (stride defaults to
     half the context, must be below it), so every token gets exactly one prediction
