@@ -165,3 +165,35 @@ def test_a_live_build_elsewhere_is_waited_for_then_given_up(tmp_path):
         holder.wait()
     with kernels._build_lock(tmp_path, wait_s=0.3):  # the holder died: free at once
         assert not (tmp_path / "lock").exists()
+
+
+def test_a_first_build_says_it_may_take_minutes_then_how_long_it_took(
+    tmp_path, monkeypatch, capsys
+):
+    """The compiler is faked (a real build takes minutes) and so is the clock: the notice
+    before, one line with the time after, and nothing once the kernel is built."""
+    from types import SimpleNamespace
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = Path(cpp_extension._get_build_directory(kernels.NAME, False))
+    assert build_dir.is_relative_to(tmp_path)
+    times = iter([100.0, 141.4, 200.0, 201.0])
+    monkeypatch.setattr(kernels, "_clock", lambda: next(times))
+    built = []
+
+    def fake_load(name, **options):
+        built.append(name)
+        (build_dir / f"{name}.so").touch()
+        return SimpleNamespace(int8_gemv="the kernel")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert kernels._build() == "the kernel"
+    assert capsys.readouterr().err.splitlines() == [
+        "gpt2lab: building the int8 kernel (once per machine and torch version; "
+        "this may take a few minutes) ...",
+        "gpt2lab: int8 kernel built in 41 s",
+    ]
+    assert kernels._build() == "the kernel"  # built: loaded from the cache, silently
+    assert built == [kernels.NAME] * 2 and capsys.readouterr().err == ""

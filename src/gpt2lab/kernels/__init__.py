@@ -12,7 +12,9 @@ of the int8 model. For that the activations become integers too, at 16-bit preci
 
 It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja are needed) into
 torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions)
-the first time an int8 model decodes, ~30 s once per machine and torch version. It is
+the first time an int8 model decodes, once per machine and torch version: ~30 s on an
+idle machine, a few minutes on a busy one (162 s was seen on 2 loaded cores), so it
+says so on stderr when it starts and how long it took when done. It is
 used only on x86-64 CPUs that report avx512_vnni. Where it cannot be built, or with
 `GPT2LAB_INT8_KERNEL=0` in the environment, int8 layers use `torch._weight_int8pack_mm`
 (one line on stderr says why, when a build was tried and failed).
@@ -41,6 +43,7 @@ BUILD_WAIT_S = 600.0  # longest wait for another process's build before falling 
 _int8_gemv = None
 _tried = False
 _once = threading.Lock()  # one build per process, however many threads decode at once
+_clock = time.monotonic  # the build's timing (a test's fake clock replaces it)
 
 
 def cpu_has_vnni() -> bool:
@@ -75,7 +78,8 @@ def _build():
 
         build_dir = Path(cpp_extension._get_build_directory(NAME, False))
         with _build_lock(build_dir):
-            _say_if_building(build_dir)
+            building = _say_if_building(build_dir)
+            start = _clock()
             module = cpp_extension.load(
                 name=NAME,
                 sources=[str(Path(__file__).with_name("int8_gemv.cpp"))],
@@ -84,6 +88,9 @@ def _build():
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )  # fmt: skip
+            if building:
+                print(f"gpt2lab: int8 kernel built in {_clock() - start:.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
         return module.int8_gemv
     except Exception as err:  # no compiler, no ninja, a read-only cache, a busy lock
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -130,8 +137,15 @@ def _build_lock(build_dir: Path, wait_s: float | None = None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _say_if_building(build_dir: Path) -> None:
-    """One line on stderr when the kernel is not built yet, so ~30 s of compiling is
-    not taken for a hang."""
-    if not any(build_dir.glob(f"{NAME}*.so")):
-        print("gpt2lab: building the int8 kernel (once, ~30 s) ...", file=sys.stderr, flush=True)
+def _say_if_building(build_dir: Path) -> bool:
+    """One line on stderr when the kernel is not built yet, so minutes of compiling are
+    not taken for a hang; returns whether a build is starting."""
+    if any(build_dir.glob(f"{NAME}*.so")):
+        return False
+    print(
+        "gpt2lab: building the int8 kernel (once per machine and torch version; "
+        "this may take a few minutes) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
