@@ -61,7 +61,7 @@ def progress_bar(
     unit: str = "",
     *,
     transient: bool = True,
-    interval: float = INTERVAL,
+    interval: float | None = None,
     stream: TextIO | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[Callable[..., None]]:
@@ -69,10 +69,12 @@ def progress_bar(
 
     `fields` (e.g. loss=3.21) are shown after the counts, the latest value of each;
     `advance(0, loss=...)` only updates them. `transient=False` leaves the bar on the
-    terminal when done. `interval`, `stream` (default: sys.stderr at call time) and
-    `clock` exist for tests and for callers that want another cadence.
+    terminal when done. `interval` (default: the module's INTERVAL, read at call time),
+    `stream` (default: sys.stderr at call time) and `clock` exist for tests and for
+    callers that want another cadence.
     """
     stream = sys.stderr if stream is None else stream
+    interval = INTERVAL if interval is None else interval
     mode = resolve(enabled, stream)
     if mode is None:
         yield _nothing
