@@ -199,8 +199,7 @@ def score(
 ) -> None:
     """Perplexity of a text (HF's sliding window), with per-token or per-word surprisal.
 
-    The same numbers as the Python API with the same options: `--bos` (the default) is
-    `bos=True` in model.perplexity and model.score."""
+    The numbers of model.perplexity and model.score (--bos is their bos=True default)."""
     from pathlib import Path
 
     from .checkpoint import load
