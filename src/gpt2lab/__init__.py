@@ -1,7 +1,7 @@
 """gpt2lab: GPT-2, open all the way.
 
 import gpt2lab as gl
-model = gl.load("gpt2-medium")
+model = gl.load("gpt2-medium")   # or gl.load("bundled"), the tiny model shipped inside
 model.generate("The capital of France is", max_new_tokens=20)
 """
 
@@ -17,7 +17,10 @@ __version__ = "0.1.0"
 
 
 def load(name_or_path=None, *, dtype=None, device=None, quantize=None, process=False):
-    """Load a GPT-2 checkpoint by preset name, local directory or HF repo id (see checkpoint.load).
+    """Load a GPT-2 checkpoint: a local directory in HF's layout, "bundled" (or no name)
+    for the tiny model shipped with gpt2lab, a preset (gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl) or an HF repo id, downloaded with the `[hub]` extra (see checkpoint.resolve).
+    A training run's out_dir or `.pt` checkpoint is refused, naming its best/ and final/.
 
     `quantize="int8"` for int8 weights; `process=True` to fold LayerNorms and centre the
     weights for interpretability (gpt2lab.interp.processing)."""

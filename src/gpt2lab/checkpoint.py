@@ -291,6 +291,11 @@ def read_bin(
 
 
 # ---- finding a checkpoint --------------------------------------------------------------
+BUNDLED = "bundled"  # the name of the tiny model shipped inside the package
+HUB_EXTRA = "pip install 'gpt2lab[hub]'"
+_TRUE = ("1", "ON", "YES", "TRUE")  # what huggingface_hub reads as a true variable
+
+
 def hub_cache_dir() -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
@@ -325,57 +330,230 @@ def _from_hub_cache(repo_ids: list[str]) -> Path | None:
     return None
 
 
-def _download(repo_id: str) -> Path | None:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return None
+def _offline_variable() -> str | None:
+    """The variable that switches huggingface_hub to offline mode, if one does, read as
+    huggingface_hub reads it: HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE when that is unset
+    or empty, true when 1, ON, YES or TRUE in any case."""
+    var = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return var if os.environ.get(var, "").upper() in _TRUE else None
+
+
+def _download(repo_id: str) -> tuple[Path | None, str]:
+    """Download a repo's config.json and safetensors weights into the HF cache.
+
+    Returns (the snapshot folder, "") or (None, why not), the reason worded to end
+    "it is not in the Hugging Face cache and ...": the missing `[hub]` extra, offline
+    mode, or the download's own error in one line (repository not found, network
+    unreachable, ...). Only these outcomes are caught; an interrupt is not."""
+    offline = _offline_variable()
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        return None
+        why = f"huggingface_hub, which downloads models, is not installed ({HUB_EXTRA})"
+        if offline:
+            why += f"; {offline} is set as well, which forbids downloads"
+        return None, why
+    if offline:
+        return None, f"{offline} is set, which forbids downloads (unset it to download)"
     try:
         path = snapshot_download(
             repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]
         )
-    except Exception:  # offline, repo missing, ...: report below with instructions
-        return None
-    return Path(path)
+    except Exception as e:  # any failure of the download becomes one line of the message
+        return None, f"downloading it failed: {_download_error(e, repo_id)}"
+    return Path(path), ""
+
+
+def _download_error(e: BaseException, repo_id: str) -> str:
+    """One line saying why huggingface_hub could not download `repo_id`.
+
+    Errors are recognised by class name, so this works across huggingface_hub versions
+    (requests- or httpx-based) without importing them. snapshot_download wraps network
+    failures in LocalEntryNotFoundError (whose message is several lines of advice); the
+    error that caused it is the one worth showing."""
+    kinds = {cls.__name__ for cls in type(e).__mro__}
+    if "GatedRepoError" in kinds:
+        return (
+            f"{repo_id} is a gated repository: accept its terms on https://huggingface.co/"
+            f"{repo_id} and log in (hf auth login, or set HF_TOKEN)"
+        )
+    if "RepositoryNotFoundError" in kinds:
+        return (
+            f"repository {repo_id} not found on the Hugging Face Hub (check the name; a "
+            "private repository needs a login: hf auth login, or set HF_TOKEN)"
+        )
+    if "DisabledRepoError" in kinds:
+        return f"repository {repo_id} is disabled on the Hugging Face Hub"
+    if "OfflineModeIsEnabled" in kinds:
+        return "huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
+    cause = e.__cause__
+    if "LocalEntryNotFoundError" in kinds and cause is not None and cause is not e:
+        return _download_error(cause, repo_id)
+    network = ("ConnectionError", "ConnectError", "TimeoutException", "Timeout", "ProxyError")
+    if kinds & set(network):
+        return f"cannot reach the Hugging Face Hub ({type(e).__name__}: {first_line(e, 120)})"
+    return f"{type(e).__name__}: {first_line(e, 160)}"
 
 
 def bundled_dir() -> Path:
     return Path(str(resources.files("gpt2lab") / "data" / "bundled"))
 
 
+def _bundled() -> Path:
+    path = bundled_dir()
+    if not _has_weights(path):
+        raise GPT2LabError(
+            "no bundled model is installed in this copy of gpt2lab; pass a checkpoint "
+            "directory or a preset name"
+        )
+    return path
+
+
 def resolve(name_or_path: str | os.PathLike | None) -> Path:
-    """A directory holding config.json and weights, for a path, preset name or HF repo id."""
+    """A directory holding config.json and weights, for a path, a name or an HF repo id.
+
+    Looked up in this order, the first match winning:
+
+    1. an existing path: a checkpoint folder in HF's layout (config.json + weights), or a
+       file inside one. A training run's folder or a `.pt` training checkpoint is refused
+       with the run's `best/` and `final/` folders named (see `_training_run`).
+    2. `None` or "bundled": the tiny model shipped inside the package. A local folder
+       called `bundled` wins over it, as any path does (like a folder called
+       `gpt2-medium` wins over the preset); leave the name out to be sure.
+    3. a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or an HF repo id
+       (`owner/name`): from the Hugging Face cache, else downloaded (needs
+       huggingface_hub: the `[hub]` extra) unless HF_HUB_OFFLINE is set.
+    """
     if name_or_path is None:
-        path = bundled_dir()
-        if not _has_weights(path):
-            raise GPT2LabError(
-                "no bundled model is installed in this copy of gpt2lab; pass a checkpoint directory or a preset name"
-            )
-        return path
+        return _bundled()
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        path = path.parent
+        return _checkpoint_of_file(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise GPT2LabError(f"{path} has no config.json; a GPT-2 checkpoint directory needs it")
-        if not any((path / f).is_file() for f in WEIGHT_FILES):
-            raise GPT2LabError(f"{path} has no weights (looked for {', '.join(WEIGHT_FILES)})")
-        return path
+        return _checkpoint_dir(path, str(name_or_path))
     name = str(name_or_path)
+    if name == BUNDLED:
+        return _bundled()
     repo_ids = HUB_REPOS.get(name, [name] if _REPO_ID.fullmatch(name) else [])
     if not repo_ids:
         raise GPT2LabError(
-            f"{name} does not exist, and is not a known model name (presets: {', '.join(HUB_REPOS)})"
+            f"{name} does not exist, and is not a known model name ({BUNDLED}, or a preset: "
+            f"{', '.join(HUB_REPOS)}, or an HF repo id owner/name)"
         )
-    found = _from_hub_cache(repo_ids) or _download(repo_ids[0])
-    if found is None or not _has_weights(found):
+    found = _from_hub_cache(repo_ids)
+    if found is not None:
+        return found
+    found, why = _download(repo_ids[0])
+    if found is not None and not _has_weights(found):
+        why = (
+            "the downloaded copy has no config.json with safetensors weights (gpt2lab "
+            "downloads only safetensors)"
+        )
+    elif found is not None:
+        return found
+    raise GPT2LabError(
+        f"cannot load {name}: it is not in the Hugging Face cache ({hub_cache_dir()}) and "
+        f"{why}; or download config.json and model.safetensors from "
+        f"https://huggingface.co/{repo_ids[0]} into a folder and pass its path"
+    )
+
+
+# ---- local paths: checkpoints, and what a training run leaves --------------------------
+RUN_MODELS = {
+    "best": "the lowest validation loss",
+    "final": "the last step",
+}  # the folders in HF layout that `gpt2lab train` writes into its out_dir
+
+
+def _checkpoint_of_file(path: Path) -> Path:
+    """A file inside a checkpoint folder means that folder (`.../model.safetensors` or
+    `.../config.json`); a `.pt` file is a training checkpoint, refused with directions."""
+    if path.suffix == ".pt":
+        raise GPT2LabError(_pt_message(path))
+    if (path.parent / "config.json").is_file():
+        return _checkpoint_dir(path.parent, str(path.parent))
+    raise GPT2LabError(
+        f"{path} is a file, not a checkpoint: pass the folder that holds a model's "
+        f"config.json and weights ({', '.join(WEIGHT_FILES)})"
+    )
+
+
+def _checkpoint_dir(path: Path, given: str) -> Path:
+    if _has_weights(path):
+        return path
+    run = path.parent if path.name == "checkpoints" else path
+    if _training_run(run):
+        what = (
+            "holds a training run's step checkpoints"
+            if run != path
+            else "is a training run's folder"
+        )
+        raise GPT2LabError(_run_message(run, f"{path} {what}, not a model"))
+    shadow = _shadowing(given)
+    if not (path / "config.json").is_file():
         raise GPT2LabError(
-            f"{name} is not available offline: fetch config.json and model.safetensors from the Hugging Face "
-            f"repo {repo_ids[0]} into a directory and pass its path, or into the HF cache at {hub_cache_dir()}"
+            f"{path} has no config.json; a GPT-2 checkpoint directory needs it{shadow}"
         )
-    return found
+    raise GPT2LabError(f"{path} has no weights (looked for {', '.join(WEIGHT_FILES)}){shadow}")
+
+
+def _training_run(out_dir: Path) -> bool:
+    """Whether a folder is a `gpt2lab train` out_dir: step checkpoints, a training log or
+    report, or a best/ or final/ model (names from gpt2lab.training.rundir, which this
+    module may not import: checkpoint.py sits below training/)."""
+    ckpts = out_dir / "checkpoints"
+    return (
+        (ckpts.is_dir() and any(p.suffix == ".pt" for p in ckpts.iterdir()))
+        or (out_dir / "log.jsonl").is_file()
+        or (out_dir / "report.json").is_file()
+        or any(_has_weights(out_dir / name) for name in RUN_MODELS)
+    )
+
+
+def _run_message(out_dir: Path, what: str) -> str:
+    """`what`, then which of the run's models to pass instead (those it has)."""
+    models = [
+        f"{out_dir / name} ({meaning})"
+        for name, meaning in RUN_MODELS.items()
+        if _has_weights(out_dir / name)
+    ]
+    if models:
+        return f"{what}: pass {' or '.join(models)}, the run's models in HF layout"
+    return (
+        f"{what}, and the run has saved no model yet: it writes {out_dir / 'final'} when "
+        f"training ends, and {out_dir / 'best'} at each evaluation that lowers the "
+        "validation loss; pass one of those"
+    )
+
+
+def _pt_message(path: Path) -> str:
+    what = (
+        f"{path} is a training checkpoint (the state `gpt2lab train --resume` reads), not a model"
+    )
+    out_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if _training_run(out_dir):
+        return _run_message(out_dir, what)
+    return (
+        f"{path} is a PyTorch .pt file, which gpt2lab does not load as a model: pass a folder "
+        "in HF layout (config.json + model.safetensors); for a gpt2lab training run that "
+        "is <out_dir>/best or <out_dir>/final"
+    )
+
+
+def _shadowing(given: str) -> str:
+    """A note for a local folder that has the name of the bundled model or a preset and
+    so hides it (paths win over names)."""
+    if given == BUNDLED:
+        return (
+            " (this local folder hides the bundled model of the same name: leave the model "
+            "out to load the bundled one, or run from another folder)"
+        )
+    if given in HUB_REPOS:
+        return (
+            f" (this local folder hides the preset of the same name: pass "
+            f"{HUB_REPOS[given][0]} to load the preset)"
+        )
+    return ""
 
 
 def _shards(directory: Path, single: str) -> list[Path]:
@@ -509,8 +687,11 @@ def load(
     quantize: str | None = None,
     process: bool = False,
 ) -> GPT2:
-    """Load a GPT-2 checkpoint: a directory, a preset (`gpt2-medium`), an HF repo id, or
-    None for the bundled model. `dtype` defaults to float32; "auto" keeps the file's.
+    """Load a GPT-2 checkpoint: a directory in HF's layout, "bundled" (or None) for the
+    tiny model shipped with gpt2lab, a preset (`gpt2-medium`) or an HF repo id; see
+    `resolve` for the order (an existing path wins over a name). A training run's folder
+    or `.pt` checkpoint is refused with its `best/` and `final/` models named.
+    `dtype` defaults to float32; "auto" keeps the file's.
 
     `quantize="int8"` stores the block weights as int8 and computes in `dtype` (default
     bfloat16); see gpt2lab.quantize. `process=True` folds the LayerNorms and centres the

@@ -20,11 +20,11 @@ the model first and then hands every argument to lm-eval unchanged:
 
 (plain `lm_eval --model gpt2lab ...` does not find the model.)
 
-model_args: `pretrained` (preset such as gpt2-medium, checkpoint directory or HF repo
-id; default: the bundled tiny model), `dtype` (float32 default, bfloat16, float16,
-int8), `device` (cpu default, cuda, cuda:N, mps, xpu), `batch_size` (rows per forward pass;
-"auto" means 16), `max_length` (context used, default the model's n_ctx),
-`max_gen_toks` (default 256).
+model_args: `pretrained` (preset such as gpt2-medium, checkpoint directory, HF repo id,
+or `bundled`, the tiny model shipped with gpt2lab and the default), `dtype` (float32
+default, bfloat16, float16, int8), `device` (cpu default, cuda, cuda:N, mps, xpu),
+`batch_size` (rows per forward pass; "auto" means 16), `max_length` (context used,
+default the model's n_ctx), `max_gen_toks` (default 256).
 
 The three request types follow lm-eval's HF model (`HFLM`) conventions:
 
