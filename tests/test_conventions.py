@@ -376,12 +376,13 @@ def test_network_unreachable_shows_the_connection_error(hub, offline):
     assert model_requests(hub)[0].endswith("/api/models/openai-community/gpt2-medium/revision/main")
 
 
-def test_hub_server_error_is_shown_in_one_line(hub):
+def test_hub_server_error_is_shown_in_one_line_with_the_hubs_words(hub):
     hub.handler = lambda http, request: http.Response(
-        503, text="down for maintenance", request=request
+        503, json={"error": "Down for maintenance"}, request=request
     )
     msg = load_error("someone/model")
-    assert "downloading it failed: " in msg and "503" in msg
+    assert "downloading it failed: HfHubHTTPError: " in msg
+    assert "503" in msg and "(Down for maintenance)" in msg
 
 
 def test_a_download_without_safetensors_weights_says_so(offline, monkeypatch, tmp_path):

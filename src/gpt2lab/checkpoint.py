@@ -392,7 +392,11 @@ def _download_error(e: BaseException, repo_id: str) -> str:
     network = ("ConnectionError", "ConnectError", "TimeoutException", "Timeout", "ProxyError")
     if kinds & set(network):
         return f"cannot reach the Hugging Face Hub ({type(e).__name__}: {first_line(e, 120)})"
-    return f"{type(e).__name__}: {first_line(e, 160)}"
+    said = getattr(e, "server_message", None)  # the Hub's own words, on an HTTP error
+    said = (
+        f" ({first_line(Exception(said), 120)})" if isinstance(said, str) and said.strip() else ""
+    )
+    return f"{type(e).__name__}: {first_line(e, 160)}{said}"
 
 
 def bundled_dir() -> Path:
