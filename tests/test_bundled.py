@@ -44,10 +44,21 @@ def test_load_without_a_name_gives_the_bundled_model():
 
 
 def test_cli_default_generates_with_the_bundled_model():
-    out = subprocess.run(
-        [sys.executable, "-m", "gpt2lab", "generate", "ROMEO:", "--max-new-tokens", "24"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    """No --model: the bundled model. By default the CLI samples (temperature 0.8, top-k
+    200, seed 0: the API with those options); --greedy is transformers' greedy search."""
+    runs = {
+        flags: subprocess.Popen(
+            [sys.executable, "-m", "gpt2lab", "generate", "ROMEO:", "--max-new-tokens", "24",
+             *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for flags in ((), ("--greedy",))
+    }  # fmt: skip
+    out = {}
+    for flags, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        out[flags] = stdout.rstrip("\n")
     tok = gl.Tokenizer()
     prompt = torch.tensor([tok.encode("ROMEO:")])
     with torch.inference_mode():
@@ -59,4 +70,7 @@ def test_cli_default_generates_with_the_bundled_model():
             .tolist()
         )
     text = tok.decode(expect[: expect.index(50256)] if 50256 in expect else expect)
-    assert out.stdout.rstrip("\n") == "ROMEO:" + text
+    assert out[("--greedy",)] == "ROMEO:" + text
+    sampled = gl.load().generate("ROMEO:", max_new_tokens=24, temperature=0.8, top_k=200, seed=0)
+    assert out[()] == "ROMEO:" + sampled
+    assert sampled != text

@@ -159,12 +159,109 @@ def hf_continuation(hf_small) -> str:
 
 
 def test_generate_greedy_matches_library_and_transformers(small_ckpt, hf_continuation, offline):
-    library = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=8)
+    library = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=8)  # the API: greedy
     assert library == hf_continuation
     assert library  # something was generated
-    result = invoke("generate", PROMPT, "--model", str(small_ckpt), "--max-new-tokens", "8")
+    for flag in (["--greedy"], ["--temperature", "0"], ["--greedy", "-t", "0"]):
+        result = invoke("generate", PROMPT, "--model", str(small_ckpt), "-n", "8", *flag)
+        assert result.exit_code == 0, result.output
+        assert result.output == PROMPT + hf_continuation + "\n"
+
+
+def test_generate_samples_by_default_like_nanogpt(small_ckpt, offline):
+    """No options: temperature 0.8, top-k 200, seed 0, the same text every time; the API
+    called with those options gives it."""
+    args = ["generate", PROMPT, "--model", str(small_ckpt), "-n", "8"]
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert first.output == second.output
+    lm = gpt2lab.load(small_ckpt)
+    expected = lm.generate(PROMPT, max_new_tokens=8, temperature=0.8, top_k=200, seed=0)
+    assert first.output == PROMPT + expected + "\n"
+    assert expected != lm.generate(PROMPT, max_new_tokens=8)  # not greedy
+    # the defaults apply one by one; beams and contrastive search do not sample
+    top_k_all = invoke(*args, "--top-k", "0", "--seed", "1")
+    assert (
+        top_k_all.output
+        == PROMPT + lm.generate(PROMPT, max_new_tokens=8, temperature=0.8, top_k=0, seed=1) + "\n"
+    )
+    beams = invoke(*args, "--num-beams", "2")
+    assert beams.output == PROMPT + lm.generate(PROMPT, max_new_tokens=8, num_beams=2) + "\n"
+    contrastive = invoke(*args, "--penalty-alpha", "0.6", "--top-k", "4")
+    assert (
+        contrastive.output
+        == PROMPT + lm.generate(PROMPT, max_new_tokens=8, penalty_alpha=0.6, top_k=4) + "\n"
+    )
+
+
+def test_generate_greedy_refuses_sampling_options(small_ckpt, offline, capsys):
+    rc, out, err = run_main(
+        ["generate", PROMPT, "--model", str(small_ckpt), "--greedy", "--top-p", "0.9"], capsys
+    )
+    assert_one_line_error(rc, out, err, "--greedy does not sample; drop --top-p")
+
+
+def test_generate_reads_the_prompt_from_a_file(small_ckpt, tmp_path, offline, capsys):
+    prompt = "Il était une fois, à Paris,\n"  # non-ASCII, and the final newline is kept
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    lm = gpt2lab.load(small_ckpt)
+    result = invoke(
+        "generate", f"@{tmp_path / 'prompt.txt'}", "--model", str(small_ckpt), "-n", "6"
+    )
     assert result.exit_code == 0, result.output
-    assert result.output == PROMPT + hf_continuation + "\n"
+    expected = lm.generate(prompt, max_new_tokens=6, temperature=0.8, top_k=200, seed=0)
+    assert result.output == prompt + expected + "\n"
+    literal = invoke("generate", "@@home", "--model", str(small_ckpt), "-n", "3", "--greedy")
+    assert literal.output == "@home" + lm.generate("@home", max_new_tokens=3) + "\n"
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    cases = {
+        "@": "give a file name after @ (generate @FILE)",
+        f"@{tmp_path / 'nope.txt'}": "does not exist or is not a file",
+        f"@{tmp_path}": "is not a file",
+        f"@{tmp_path / 'latin1.txt'}": "latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)",
+    }
+    for arg, words in cases.items():
+        rc, out, err = run_main(["generate", arg, "--model", str(small_ckpt)], capsys)
+        assert_one_line_error(rc, out, err, words)
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+COMPUTING = ["generate", "score", "lens", "lens-train", "patch", "train", "eval"]
+
+
+def test_threads_on_every_command_that_computes(small_ckpt, offline, restore_threads, capsys):
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    for name in COMPUTING:
+        (option,) = [p for p in commands[name].params if p.name == "threads"]
+        assert option.opts == ["--threads"] and "CPU threads" in option.help
+    target = 1 if torch.get_num_threads() != 1 else 2
+    result = invoke(
+        "generate", PROMPT, "--model", str(small_ckpt), "-n", "2", "--threads", str(target)
+    )
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == target  # set for the process, before the work
+    for name in ("generate", "lens"):
+        rc, out, err = run_main([name, "hi", "--threads", "0"], capsys)
+        assert rc == 2 and out == "" and len(err.splitlines()) == 1
+        assert err.startswith("gpt2lab: error: Invalid value for '--threads'")
+
+
+def test_info_without_a_model_is_the_bundled_one(offline):
+    from gpt2lab.checkpoint import bundled_dir
+
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    rows = fields(result.output)
+    assert rows["model"] == ["bundled"] and rows["layers"] == ["4"]
+    assert rows["directory"] == [str(bundled_dir())]
 
 
 def test_generate_sampling_is_seeded(small_ckpt, offline):
@@ -173,7 +270,9 @@ def test_generate_sampling_is_seeded(small_ckpt, offline):
     second = invoke(*args, "--temperature", "0.8", "--seed", "3")
     assert first.exit_code == 0 and second.exit_code == 0, first.output
     assert first.output == second.output
-    expected = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=8, temperature=0.8, seed=3)
+    expected = gpt2lab.load(small_ckpt).generate(
+        PROMPT, max_new_tokens=8, temperature=0.8, top_k=200, seed=3
+    )
     assert first.output == PROMPT + expected + "\n"
     # a different seed samples from the same distribution with other draws
     others = {invoke(*args, "--temperature", "0.8", "--seed", str(s)).output for s in (4, 5)}
@@ -296,7 +395,9 @@ def test_generate_stream_prints_the_same_text(small_ckpt, offline):
     streamed = invoke(*args, "--stream")
     assert plain.exit_code == streamed.exit_code == 0
     assert streamed.output == plain.output
-    expected = gpt2lab.load(small_ckpt).generate(PROMPT, max_new_tokens=12, temperature=0.9, seed=5)
+    expected = gpt2lab.load(small_ckpt).generate(
+        PROMPT, max_new_tokens=12, temperature=0.9, top_k=200, seed=5
+    )
     assert plain.output == PROMPT + expected + "\n"
 
 

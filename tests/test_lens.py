@@ -4,11 +4,18 @@ transformers; tuned-lens training on the bundled model, judged on held-out text;
 
 from __future__ import annotations
 
+import html
+import io
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from rich.cells import cell_len
+from rich.console import Console
 from safetensors.numpy import load_file as load_numpy
 from tl_reference import hooked_transformer
 
@@ -16,7 +23,8 @@ import gpt2lab as gl
 from gpt2lab.cli import main
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.interp import TunedLens, lens_kl, logit_lens
-from gpt2lab.interp.lens_plots import show_token
+from gpt2lab.interp.lens import LensResult
+from gpt2lab.interp.lens_plots import lens_html, show_token
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
@@ -364,6 +372,119 @@ def test_bad_input_raises_our_error(small, call, words):
         call(small)
 
 
+# ---- 3b. showing it: terminal tables that fit, HTML pages, progress -------------------------
+README_PROMPT = "When Mary and John went to the store, John gave a drink to"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return gl.load()
+
+
+def render(renderable, width: int, terminal: bool = True) -> str:
+    """What rich prints at `width` columns, colours stripped."""
+    out = io.StringIO()
+    console = Console(
+        file=out,
+        width=width,
+        force_terminal=terminal,
+        color_system="truecolor" if terminal else None,
+    )
+    console.print(renderable)
+    return ANSI.sub("", out.getvalue())
+
+
+def check_pages(res: LensResult, k: int, text: str, width: int) -> int:
+    """Every line fits; every page repeats every layer label, with the top-1 token and
+    probability of each of its positions whole in that label's line; returns the pages."""
+    lines = text.splitlines()
+    assert max(cell_len(line) for line in lines) <= width
+    pages = res.table(k).page_ranges(width)
+    assert [p for page in pages for p in page] == list(range(len(res.strings)))
+    for row, label in enumerate(res.labels):
+        rows = [line for line in lines if line.startswith(f"│ {label} ")]
+        assert len(rows) == len(pages), label
+        for line, page in zip(rows, pages, strict=True):
+            for pos in page:
+                cell = f"{show_token(res.top_strings[row][pos][0])} {float(res.top_probs[row, pos, 0]):.2f}"
+                assert f"│ {cell} " in line, (label, pos, line)
+    for s in res.strings:
+        assert f" {show_token(s)} " in text
+    return len(pages)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("k, target", [(1, None), (2, " Mary")])
+def test_lens_table_pages_to_fit_the_terminal(bundled, width, k, target):
+    res = logit_lens(bundled, README_PROMPT, k=k, target=target)
+    text = render(res.table(k), width)
+    assert check_pages(res, k, text, width) > 1
+    assert text.startswith(f"logit lens: top-{k} token and probability")
+    assert "positions 0-" in text and f"(of {len(res.strings)})" in text
+    if target is not None:
+        assert "p and rank of ' Mary'" in text
+        for row in range(len(res.labels)):
+            assert (
+                f"p={float(res.target_probs[row, -1]):.2f} #{int(res.target_ranks[row, -1])}"
+                in text
+            )
+
+
+def test_lens_table_piped_is_one_table_and_prints_as_text(bundled, monkeypatch):
+    res = logit_lens(bundled, README_PROMPT, k=1)
+    text = render(res.table(), 1000, terminal=False)
+    assert check_pages(res, 1, text, 1000) == 1 and "positions" not in text
+    monkeypatch.setenv("COLUMNS", "80")
+    plain = str(res.table())  # print(result.table()) without rich: the terminal's width
+    assert check_pages(res, 1, plain, 80) > 1
+    assert repr(res.table()).startswith("<LensTable: logit lens")
+
+
+def test_show_token_keeps_its_quotes():
+    assert show_token(" Psychiatric") == "' Psychiat…'"
+    assert show_token(" to") == "' to'"
+    assert len(show_token("x" * 50, 10)) == 10
+
+
+def test_to_html_returns_a_short_page_or_writes_the_file(bundled, tmp_path):
+    res = logit_lens(bundled, README_PROMPT, k=3)
+    page = res.to_html(color_by="entropy")
+    assert page == lens_html(res, "entropy") and isinstance(page, str)  # old callers: a str
+    assert page.html == str(page) and type(page.html) is str
+    assert len(
+        repr(page)
+    ) < 200 and "HTML heat map of the logit lens (5 rows x 14 positions)" in repr(page)
+    frame = page._repr_html_()  # a notebook shows the page, its styles kept inside an iframe
+    assert frame.startswith("<iframe srcdoc='")
+    assert html.unescape(frame.split("'")[1]) == page.html
+    path = res.to_html(tmp_path / "lens.html", color_by="entropy")
+    assert path == tmp_path / "lens.html" and path.read_text(encoding="utf-8") == page
+    assert page.save(tmp_path / "again.html").read_text(encoding="utf-8") == page
+
+
+def test_long_lens_jobs_report_progress(small, capsys, monkeypatch):
+    """progress=True in a log (stderr here is not a terminal): periodic lines and a last
+    one; the default (auto) stays silent there."""
+    from gpt2lab import progress
+
+    data = torch.arange(2048) % 1000
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every step
+    lens_kl(small, data, max_tokens=256, seq_len=32, batch_size=4, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("logit lens KL: 4/8 windows (50%), ")
+    assert lines[-1].startswith("logit lens KL: 8/8 windows (100%), ") and "done in" in lines[-1]
+    lens = TunedLens(small)
+    lens.fit(data, steps=2, tokens_per_step=64, seq_len=32, bf16=False, progress=True)
+    lens.kl(data, max_tokens=64, seq_len=32, progress=True)
+    err = capsys.readouterr().err
+    assert "tuned lens: 1/2 steps (50%)" in err and ", train KL " in err
+    assert "tuned lens KL: 2/2 windows (100%)" in err
+    lens_kl(small, data, max_tokens=64, seq_len=32)
+    lens.fit(data, steps=1, tokens_per_step=32, seq_len=32, bf16=False)
+    assert capsys.readouterr().err == ""
+
+
 # ---- 4. the command line ----------------------------------------------------------------------
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as excinfo:
@@ -418,6 +539,55 @@ def test_cli_lens_train_then_lens_with_it(small_ckpt, small, tmp_path, capsys):
         ["lens", PROMPT, "--model", str(small_ckpt), "--tuned", str(out_dir)], capsys
     )
     assert rc == 0 and "tuned lens: top-1 token" in out
+
+
+def run_in_terminal(args: list[str], columns: int) -> subprocess.Popen:
+    """`python -m gpt2lab ARGS` with stdout on a pseudo-terminal `columns` wide (as
+    `stty cols`), stderr piped; returns the process with its terminal's master end."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt2lab", *args],
+        stdout=slave, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    proc.master = master
+    return proc
+
+
+def read_terminal(proc: subprocess.Popen) -> str:
+    import os
+
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(proc.master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(proc.master)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return ANSI.sub("", screen.decode()).replace("\r\n", "\n")
+
+
+def test_cli_lens_in_80_and_120_column_terminals(bundled):
+    """The README's prompt in real terminals: every layer label on every page, every
+    top-1 token readable, no line wider than the terminal."""
+    procs = {width: run_in_terminal(["lens", README_PROMPT], width) for width in (80, 120)}
+    res = logit_lens(bundled, README_PROMPT, k=1)
+    for width, proc in procs.items():
+        screen = read_terminal(proc)
+        assert check_pages(res, 1, screen, width) > 1
+        assert screen.startswith("logit lens: top-1 token and probability")
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,50 @@ app = typer.Typer(
 MODEL_HELP = "checkpoint directory, preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or HF repo id; default: the bundled model"
 
 
+THREADS_HELP = "CPU threads for this command (default: torch's choice, one per core)"
+
+
+def threads_option() -> typer.models.OptionInfo:
+    """--threads N, the same on every command that computes (N >= 1, checked by typer)."""
+    return typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+
+
+def use_threads(threads: int | None) -> None:
+    """Apply --threads before any work: torch's intra-op threads for this process. A
+    process-wide setting is right in the CLI (one job per process) and is never made by
+    the library. On a busy machine fewer threads than cores can be much faster."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def text_argument(value: str, command: str) -> str:
+    """A text argument as given, or the contents of FILE for `@FILE` (strict UTF-8, read
+    as is, a final newline included); `@@...` is the literal text `@...`. Failures are
+    one-line errors naming the file."""
+    from pathlib import Path
+
+    if not value.startswith("@"):
+        return value
+    if value.startswith("@@"):
+        return value[1:]
+    if value == "@":
+        raise GPT2LabError(
+            f"give a file name after @ ({command} @FILE), or the text itself (@@ for a literal @)"
+        )
+    path = Path(value[1:]).expanduser()
+    if not path.is_file():
+        raise GPT2LabError(f"{path} does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2LabError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
 def check_output(path: str, *, folder: bool = False, option: str = "--out") -> None:
     """Fail before any work (a model load, minutes of training) on an output we could not
     write: a file where a folder is wanted or the reverse, a file in the way of a parent
@@ -57,8 +101,9 @@ def check_output(path: str, *, folder: bool = False, option: str = "--out") -> N
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
-    """Sizes, parameter count, dtype and files of a model (reads headers only, not weights)."""
+def info(model: str | None = typer.Argument(None, help=MODEL_HELP)) -> None:
+    """Sizes, parameter count, dtype and files of a model (reads headers only, not weights);
+    with no model, the bundled one."""
     from . import checkpoint
     from .config import PRESETS, GPT2Config
 
@@ -71,7 +116,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     else:
         cfg, missing = GPT2Config.from_json_file(directory / "config.json"), ""
     rows = [
-        ("model", model),
+        ("model", "bundled" if model is None else model),
         ("layers", cfg.n_layers),
         ("d_model", cfg.d_model),
         ("heads", f"{cfg.n_heads} x d_head {cfg.d_head}"),
@@ -96,15 +141,37 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
         typer.echo(f"{key:<{width}}  {value}")
 
 
+# The CLI's generate samples by default, as nanoGPT's sample.py does (temperature 0.8,
+# top-k 200), with a fixed seed so that a command, and the README's output of it, is
+# reproducible. The Python API stays greedy by default, as transformers' generate is.
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 200
+SAMPLE_SEED = 0
+
+
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="text to continue (empty: start from <|endoftext|>)"),
+    prompt: str = typer.Argument(
+        ...,
+        help="text to continue, or @FILE to read it from a file (empty: start from <|endoftext|>)",
+    ),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
     temperature: float | None = typer.Option(
-        None, "--temperature", "-t", help="> 0 samples; 0 = greedy"
+        None,
+        "--temperature",
+        "-t",
+        help=f"sampling temperature (default {SAMPLE_TEMPERATURE}); 0 = greedy",
     ),
-    top_k: int | None = typer.Option(None, "--top-k", help="sample from the k most likely tokens"),
+    top_k: int | None = typer.Option(
+        None,
+        "--top-k",
+        help=f"sample from the k most likely tokens (default {SAMPLE_TOP_K}; 0 = all); "
+        "with --penalty-alpha, the contrastive candidates",
+    ),
+    greedy: bool = typer.Option(
+        False, "--greedy", help="take the most likely token each step (the Python API's default)"
+    ),
     top_p: float | None = typer.Option(None, "--top-p", help="nucleus sampling mass, in (0, 1]"),
     min_p: float | None = typer.Option(
         None, "--min-p", help="drop tokens below min_p x the top probability"
@@ -142,15 +209,45 @@ def generate(
     ),
     stop: list[str] = typer.Option([], "--stop", help="stop at this string (repeatable)"),
     max_time: float | None = typer.Option(None, "--max-time", help="stop after this many seconds"),
-    seed: int | None = typer.Option(None, "--seed", help="random seed for sampling"),
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        help=f"random seed for sampling (default {SAMPLE_SEED}: the same command prints the "
+        "same text; change it for another sample)",
+    ),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
     dtype: str = typer.Option(
         "float32", "--dtype", help="float32, bfloat16, float16 or int8 (int8 weights, bf16 compute)"
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: int | None = threads_option(),
 ) -> None:
-    """Continue a prompt and print prompt + continuation."""
+    """Continue a prompt and print prompt + continuation.
+
+    Samples by default, as nanoGPT's sample.py does: temperature 0.8, top-k 200, seed 0
+    (so the same command prints the same text). --greedy (or --temperature 0) takes the
+    most likely token each step instead, which is what the Python API's
+    model.generate() does unless given sampling options. --num-beams and --penalty-alpha
+    select beam and contrastive search, which do not sample."""
     from .checkpoint import load
+
+    use_threads(threads)
+    prompt = text_argument(prompt, "generate")
+    sampling = {
+        "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+        "typical_p": typical_p, "epsilon_cutoff": epsilon_cutoff, "eta_cutoff": eta_cutoff,
+    }  # fmt: skip
+    if greedy:
+        given = [
+            k for k, v in sampling.items() if v is not None and not (k == "temperature" and v == 0)
+        ]
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise GPT2LabError(f"--greedy does not sample; drop {option} (or --greedy)")
+    elif num_beams == 1 and penalty_alpha is None and temperature != 0:  # sampling
+        temperature = SAMPLE_TEMPERATURE if temperature is None else temperature
+        top_k = SAMPLE_TOP_K if top_k is None else top_k
+        seed = SAMPLE_SEED if seed is None else seed
 
     options = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -196,26 +293,17 @@ def score(
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: int | None = threads_option(),
 ) -> None:
     """Perplexity of a text (HF's sliding window), with per-token or per-word surprisal.
 
     The numbers of model.perplexity and model.score (--bos is their bos=True default)."""
-    from pathlib import Path
-
     from .checkpoint import load
 
-    if text.startswith("@"):
-        if text == "@":
-            raise GPT2LabError("give a file name after @ (score @FILE), or text to score")
-        path = Path(text[1:])
-        if not path.is_file():
-            raise GPT2LabError(f"{path} does not exist or is not a file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise GPT2LabError(f"{path} is not UTF-8 text") from None
+    use_threads(threads)
+    text = text_argument(text, "score")
     lm = load(model, dtype=dtype, device=device)
-    progress = sys.stderr.isatty()  # a transient bar on a terminal; nothing when piped
+    progress = True  # a transient bar on a terminal, periodic lines in a log (progress.py)
     ppl, nll, n = lm.perplexity(
         text, stride=stride, bos=bos, return_details=True, progress=progress
     )
@@ -288,6 +376,7 @@ def train(
         help="start a new run in an out_dir that holds another run, removing that run's "
         "checkpoints, log, report and best/final models (nothing else)",
     ),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train from scratch or fine-tune a checkpoint (torchrun for several processes).
 
@@ -296,6 +385,7 @@ def train(
     from .training.config import load_config
     from .training.trainer import train as run_train
 
+    use_threads(threads)
     cfg = load_config(config, set_)
     final = run_train(cfg, resume=resume, fallback=fallback, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -319,17 +409,21 @@ def patch(
     ),
     batch: int = typer.Option(8, "--batch", help="patches per forward pass"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: int | None = threads_option(),
 ) -> None:
     """Activation patching: the normalised logit difference per layer x position (or head)."""
     from .checkpoint import load
     from .interp.patching import check_figure_path, patch_prompts, resolve_site
 
+    use_threads(threads)
     resolve_site(what)
     if out is not None:
         check_figure_path(out)
         check_output(out)
     lm = load(model, device=device)
-    result = patch_prompts(lm, clean, corrupted, answer, wrong, what=what, batch=batch)
+    result = patch_prompts(
+        lm, clean, corrupted, answer, wrong, what=what, batch=batch, progress=True
+    )
     typer.echo(result.to_text())
     if out is not None:
         typer.echo(f"wrote {result.save(out)}")
@@ -352,8 +446,12 @@ def lens(
     color_by: str = typer.Option("prob", "--color-by", help="heat map: prob, target, entropy, kl"),
     bos: bool = typer.Option(False, "--bos/--no-bos", help="prepend <|endoftext|>"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: int | None = threads_option(),
 ) -> None:
-    """What each layer predicts at each position: the logit lens, or a tuned lens."""
+    """What each layer predicts at each position: the logit lens, or a tuned lens.
+
+    On a terminal the table is paged over positions to fit its width (each page repeats
+    the layer labels); piped, it is one wide table."""
     from pathlib import Path
 
     from rich.console import Console
@@ -362,6 +460,7 @@ def lens(
     from .interp.lens import COLOR_BY, logit_lens
     from .interp.tuned_lens import TunedLens
 
+    use_threads(threads)
     if not prompt:
         raise GPT2LabError("the prompt is empty: give some text to look at")
     if k < 1:
@@ -406,6 +505,7 @@ def lens_train(
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="tokens to report KL on"),
     seed: int = typer.Option(0, "--seed", help="seed of the training windows"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train a tuned lens (one affine translator per layer) and report held-out KL."""
     from pathlib import Path
@@ -414,6 +514,7 @@ def lens_train(
     from .interp.lens import layer_labels, lens_kl
     from .interp.tuned_lens import TunedLens
 
+    use_threads(threads)
     if Path(out).is_file():
         raise GPT2LabError(f"--out {out} is a file; give a folder for the tuned lens")
     check_output(out, folder=True)
@@ -427,7 +528,7 @@ def lens_train(
     tuned = TunedLens(lm)
     history = tuned.fit(
         data, steps=steps, tokens_per_step=tokens_per_step, seq_len=seq_len,
-        optimizer=optimizer, lr=lr, seed=seed,
+        optimizer=optimizer, lr=lr, seed=seed, progress=True,
     )  # fmt: skip
     tuned.save(out, model=model or "bundled")
     typer.echo(f"saved tuned lens to {out} (last step's mean train KL {history[-1].mean():.4f})")
@@ -445,10 +546,12 @@ def lens_train(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
 )
-def evaluate(ctx: typer.Context) -> None:
-    """lm-evaluation-harness with the `gpt2lab` model registered; every argument goes to
-    lm-eval unchanged, e.g. `gpt2lab eval --model gpt2lab --model_args pretrained=gpt2
-    --tasks lambada_openai` (`gpt2lab eval --help` shows lm-eval's options)."""
+def evaluate(ctx: typer.Context, threads: int | None = threads_option()) -> None:
+    """lm-evaluation-harness with the `gpt2lab` model registered; every argument but
+    --threads goes to lm-eval unchanged, e.g. `gpt2lab eval --model gpt2lab --model_args
+    pretrained=gpt2 --tasks lambada_openai` (`gpt2lab eval --help` shows lm-eval's
+    options)."""
+    use_threads(threads)
     try:
         from .lm_eval_model import main as lm_eval_main
     except ImportError as e:

@@ -26,9 +26,8 @@ from ..errors import GPT2LabError
 from ..quantize import linear
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from ..model import GPT2
+    from .lens_plots import HTMLPage, LensTable
 
 # translate(resid [..., d_model], row) -> resid: what a lens does before decoding
 Translate = Callable[[torch.Tensor, int], torch.Tensor]
@@ -127,21 +126,30 @@ class LensResult:
             return self.kl
         raise GPT2LabError(f"color_by must be one of {', '.join(COLOR_BY)}; got {color_by!r}")
 
-    def table(self, k: int = 1) -> Table:
-        """A rich Table: rows x positions, each cell the top-k tokens and probabilities."""
+    def table(self, k: int = 1) -> LensTable:
+        """Layers (rows) x positions, each cell the top-k tokens and probabilities, as a
+        rich renderable that pages over positions to fit the console it is printed on
+        (`rich.print(result.table())`); `.pages(width)` gives the rich Tables."""
         from .lens_plots import lens_table
 
         return lens_table(self, k)
 
-    def to_html(self, path: str | Path | None = None, color_by: str = "prob") -> str:
-        """A self-contained HTML heat map (no scripts, no external files); written to
-        `path` when given. Hovering a cell shows the top-k tokens and the target."""
-        from .lens_plots import lens_html
+    def to_html(self, path: str | Path | None = None, color_by: str = "prob") -> HTMLPage | Path:
+        """A self-contained HTML heat map (no scripts, no external files). Hovering a
+        cell shows the top-k tokens and the target.
 
-        html = lens_html(self, color_by)
-        if path is not None:
-            Path(path).write_text(html, encoding="utf-8")
-        return html
+        With `path`, writes the page there and returns the path. Without, returns the
+        page as an `HTMLPage`: a `str` whose repr is one line (not the whole page into a
+        REPL), shown as the heat map in a notebook, with `.html` and `.save(path)`."""
+        from .lens_plots import HTMLPage, lens_html
+
+        rows, pos, _ = self.top_ids.shape
+        page = HTMLPage(
+            lens_html(self, color_by),
+            summary=f"HTML heat map of the {self.lens} ({rows} rows x {pos} positions)",
+            height=min(900, 160 + 40 * rows),
+        )
+        return page if path is None else page.save(path)
 
     def plot(self, path: str | Path, color_by: str = "prob") -> Path:
         """A PNG heat map (needs matplotlib: `pip install 'gpt2lab[plot]'`)."""
@@ -299,25 +307,30 @@ def lens_kl(
     max_tokens: int = 16384,
     seq_len: int = 128,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool | None = None,
+    label: str | None = None,
 ) -> torch.Tensor:
     """Mean KL(model output || lens) per row [n_layers + 1], in nats, over a corpus.
 
     `data` is a token tensor ([n] or [batch, pos]), a text file, or a folder of token
     shards (its val split). The first `max_tokens` tokens are cut into consecutive
     windows of `seq_len`: the same tokens every call, so two lenses compare fairly.
+
+    This runs the model over every window (minutes on a CPU for the defaults), so by
+    default (`progress=None`) a progress bar shows when stderr is a terminal;
+    `progress=True` also writes periodic lines when it is not (a log), False nothing.
+    `label` names the job in that progress ("logit lens KL" / "lens KL" by default).
     """
+    from ..progress import progress_bar
     from .lens_data import eval_windows
 
     windows = eval_windows(model, data, seq_len, max_tokens)
     total = torch.zeros(model.cfg.n_layers + 1, dtype=torch.float64)
     count = 0
-    from rich.console import Console
-    from rich.progress import Progress
-
-    bar = Progress(console=Console(stderr=True), disable=not progress, transient=True)
-    with bar, torch.no_grad():
-        task = bar.add_task("lens KL", total=len(windows))
+    if label is None:
+        label = "logit lens KL" if translate is None else "lens KL"
+    bar = progress_bar(len(windows), label, progress, unit="windows")
+    with bar as advance, torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(model.device)
             resid, logits = residual_stack(model, batch)
@@ -327,5 +340,5 @@ def lens_kl(
                 logp = unembed_residual(model, h).float().log_softmax(-1)
                 total[row] += kl_to_final(final, logp).sum().double().cpu()
             count += batch.numel()
-            bar.advance(task, batch.shape[0])
+            advance(batch.shape[0])
     return (total / count).float()

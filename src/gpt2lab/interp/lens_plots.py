@@ -32,9 +32,10 @@ CAPTIONS = {
 
 
 def show_token(s: str, width: int = 12) -> str:
-    """A token as a short quoted literal, so spaces and newlines stay visible."""
+    """A token as a short quoted literal, so spaces and newlines stay visible; a long
+    one is cut in the middle of the literal and keeps its closing quote ('Psychiat…')."""
     text = repr(s)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: max(1, width - 2)] + "…" + text[-1]
 
 
 def _scale(result: LensResult, color_by: str) -> tuple[torch.Tensor, float]:
@@ -48,40 +49,102 @@ def _scale(result: LensResult, color_by: str) -> tuple[torch.Tensor, float]:
 
 
 # ---- terminal ----------------------------------------------------------------------
-def lens_table(result: LensResult, k: int = 1) -> Table:
-    from rich.table import Table
+class LensTable:
+    """The lens as terminal tables, layers as rows and positions as columns (as in the
+    HTML and PNG), paged over positions so that every page fits the console it is
+    printed on: each page repeats the layer labels, and cells are never squeezed (a
+    rich table that does not fit cuts every cell to `'…`). A rich renderable:
+    `Console().print(result.table())`; `pages(width)` gives the tables themselves.
+    """
 
-    k = max(1, min(k, result.k))
-    title = f"{result.lens}: top-{k} token and probability per layer (rows) and position"
-    if result.target is not None:
-        title += f"; p and rank of {result.target!r}"
-    table = Table(title=title, show_lines=True)
-    table.add_column("layer", style="bold")
-    for pos, s in enumerate(result.strings):
-        table.add_column(f"{pos}\n{show_token(s)}", no_wrap=True)
-    for row, label in enumerate(result.labels):
-        cells = []
-        for pos in range(len(result.strings)):
-            lines = []
-            for j in range(k):
-                p = float(result.top_probs[row, pos, j])
-                token = show_token(result.top_strings[row][pos][j])
-                hit = int(result.top_ids[row, pos, j]) == int(result.target_ids[pos])
-                style = "bold green" if hit else ("bold" if p >= 0.5 else "")
-                line = f"{token} {p:.2f}"
-                lines.append(f"[{style}]{_escape(line)}[/]" if style else _escape(line))
-            if result.target is not None:
-                tp, rank = float(result.target_probs[row, pos]), int(result.target_ranks[row, pos])
-                lines.append(f"[dim]p={tp:.2f} #{rank}[/]")
-            cells.append("\n".join(lines))
-        table.add_row(label, *cells)
-    return table
+    def __init__(self, result: LensResult, k: int = 1):
+        from rich.cells import cell_len
+
+        self.result, self.k = result, max(1, min(k, result.k))
+        self.title = (
+            f"{result.lens}: top-{self.k} token and probability per layer (rows) and position"
+        )
+        if result.target is not None:  # its own line: the heading stays within 80 columns
+            self.title += f"\np and rank of {result.target!r}: each cell's last line"
+        self.label_width = max(cell_len(x) for x in ["layer", *result.labels])
+        self.headers, self.columns, self.widths = [], [], []
+        for pos, s in enumerate(result.strings):
+            header = f"{pos}\n{show_token(s)}"
+            cells = [self._cell(row, pos) for row in range(len(result.labels))]
+            self.headers.append(header)
+            self.columns.append(cells)
+            lines = header.split("\n") + [x for c in cells for x in c.plain.split("\n")]
+            self.widths.append(max(cell_len(x) for x in lines))
+
+    def _cell(self, row: int, pos: int):
+        from rich.text import Text
+
+        r = self.result
+        cell = Text()
+        for j in range(self.k):
+            p = float(r.top_probs[row, pos, j])
+            hit = int(r.top_ids[row, pos, j]) == int(r.target_ids[pos])
+            style = "bold green" if hit else ("bold" if p >= 0.5 else "")
+            if j:
+                cell.append("\n")
+            cell.append(f"{show_token(r.top_strings[row][pos][j])} {p:.2f}", style=style)
+        if r.target is not None:
+            tp, rank = float(r.target_probs[row, pos]), int(r.target_ranks[row, pos])
+            cell.append(f"\np={tp:.2f} #{rank}", style="dim")
+        return cell
+
+    def page_ranges(self, width: int) -> list[range]:
+        """Consecutive positions per page: as many as fit in `width` columns (at least
+        one), counting rich's borders and padding (3 cells a column, 1 for the edge)."""
+        pages, start, used = [], 0, 1 + self.label_width + 3
+        for pos, w in enumerate(self.widths):
+            if pos > start and used + w + 3 > width:
+                pages.append(range(start, pos))
+                start, used = pos, 1 + self.label_width + 3
+            used += w + 3
+        pages.append(range(start, len(self.widths)))
+        return pages
+
+    def pages(self, width: int) -> list[Table]:
+        from rich.table import Table
+
+        ranges = self.page_ranges(width)
+        tables = []
+        n = len(self.widths)
+        for span in ranges:
+            title = f"positions {span[0]}-{span[-1]} (of {n})" if len(ranges) > 1 else None
+            table = Table(title=title, show_lines=True, title_justify="left")
+            table.add_column("layer", style="bold", no_wrap=True, min_width=self.label_width)
+            for pos in span:
+                table.add_column(self.headers[pos], no_wrap=True, min_width=self.widths[pos])
+            for row, label in enumerate(self.result.labels):
+                table.add_row(label, *(self.columns[pos][row] for pos in span))
+            tables.append(table)
+        return tables
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+
+        yield Text(self.title)
+        yield from self.pages(options.max_width)
+
+    def __str__(self) -> str:
+        """Plain text at the terminal's width, for `print(result.table())`."""
+        import io
+        import shutil
+
+        from rich.console import Console
+
+        out = io.StringIO()
+        Console(file=out, width=shutil.get_terminal_size().columns, color_system=None).print(self)
+        return out.getvalue().rstrip("\n")
+
+    def __repr__(self) -> str:
+        return f"<LensTable: {self.result.lens}, top-{self.k}; print() it>"
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+def lens_table(result: LensResult, k: int = 1) -> LensTable:
+    return LensTable(result, k)
 
 
 # ---- HTML --------------------------------------------------------------------------
@@ -93,6 +156,35 @@ def _blue(v: float) -> tuple[str, str]:
     low, high = (255, 255, 255), (8, 48, 107)
     rgb = [round(a + (b - a) * v) for a, b in zip(low, high, strict=True)]
     return "#{:02x}{:02x}{:02x}".format(*rgb), ("#ffffff" if v > 0.55 else "#111111")
+
+
+class HTMLPage(str):
+    """A self-contained HTML page that is still a `str` (write it, search it, compare
+    it), but does not flood a REPL: its repr is one line, a notebook shows the page
+    itself (in an iframe, so its styles stay inside), and `save(path)` writes it."""
+
+    def __new__(cls, html: str, summary: str = "HTML page", height: int = 400) -> HTMLPage:
+        page = super().__new__(cls, html)
+        page.summary, page.height = summary, height
+        return page
+
+    @property
+    def html(self) -> str:
+        return str.__str__(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.html, encoding="utf-8")
+        return path
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<iframe srcdoc='{html.escape(self.html, quote=True)}' "
+            f"style='width:100%;height:{self.height}px;border:0'></iframe>"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self.summary}, {len(self):,} characters: .save(path), or show it in a notebook>"
 
 
 def lens_html(result: LensResult, color_by: str = "prob") -> str:

@@ -428,7 +428,7 @@ def activation_patch(
     by_pos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     batch: int = 1,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> PatchResult:
     """Patch clean activations into the corrupted run, one site at a time; score each.
 
@@ -440,6 +440,9 @@ def activation_patch(
     result has TransformerLens' axes: [layer, pos], [layer], [layer, head], [layer,
     pos, head], and [layer, head, dest_pos] for patterns by position. `batch` patches
     share one forward pass.
+
+    Progress: by default (`progress=None`) a bar when stderr is a terminal; True also
+    writes periodic lines to a log (the CLI); False nothing.
     """
     site = resolve_site(what)
     hook, layout = SITES[site]
@@ -462,7 +465,7 @@ def activation_patch(
     }
     values = torch.zeros([sizes[d] for d in dims])
     n = clean_t.shape[0]
-    with progress_bar(len(plan), f"patching {site}", progress) as advance:
+    with progress_bar(len(plan), f"patching {site}", progress, unit="patches") as advance:
         for start in range(0, len(plan), batch):
             group = plan[start : start + batch]
             variants = [
@@ -493,7 +496,7 @@ def patch_prompts(
     *,
     what: str = "resid_pre",
     batch: int = 1,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> PatchResult:
     """Activation patching of a text pair scored by the normalised logit difference
     answer - wrong at the last position (what `gpt2lab patch` prints)."""

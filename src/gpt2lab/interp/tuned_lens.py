@@ -95,6 +95,7 @@ class TunedLens(nn.Module):
 
     def kl(self, data: Any, **options: Any) -> torch.Tensor:
         """Mean KL(output || tuned lens) per row over `data` (see `lens_kl`)."""
+        options.setdefault("label", "tuned lens KL")
         return lens_kl(self.model, data, self.translate, **options)
 
     # ---- training --------------------------------------------------------------------
@@ -111,7 +112,7 @@ class TunedLens(nn.Module):
         weight_decay: float = 1e-3,
         seed: int = 0,
         bf16: bool | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> torch.Tensor:
         """Train the translators on `data` (token ids, a text file, or a shards folder's
         train split); returns the mean KL per step and row [steps, n_layers], in nats.
@@ -122,17 +123,11 @@ class TunedLens(nn.Module):
         `bf16` runs the lens's unembedding in bfloat16 (float32 softmax), as the reference
         does on GPUs: the [tokens, vocab] matmuls are nearly all the cost. The default uses it
         on CUDA and on CPUs with native bfloat16.
-        """
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
 
+        Progress (with the step's mean train KL): by default (`progress=None`) a bar when
+        stderr is a terminal; True also writes periodic lines to a log; False nothing.
+        """
+        from ..progress import progress_bar
         from .lens_data import token_source
 
         model, L = self.model, len(self.translators)
@@ -153,13 +148,8 @@ class TunedLens(nn.Module):
         opt, schedule, lr_used = _optimizer(params, optimizer, lr, weight_decay, steps)
         history = torch.zeros(steps, L)
 
-        columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        )  # fmt: skip
-        bar = Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True)
-        with _frozen(model), bar:
-            task = bar.add_task("tuned lens", total=steps)
+        bar = progress_bar(steps, "tuned lens", progress, unit="steps")
+        with _frozen(model), bar as advance:
             for step in range(steps):
                 inputs, _ = source.batch(rows, seq_len, seed, step)
                 for chunk in inputs.split(micro_batch):
@@ -180,9 +170,7 @@ class TunedLens(nn.Module):
                 opt.step()
                 schedule.step()
                 opt.zero_grad(set_to_none=True)
-                bar.update(
-                    task, advance=1, description=f"tuned lens: KL {history[step].mean():.3f}"
-                )
+                advance(1, train_KL=history[step].mean().item())
         self.info = {
             "steps": steps, "tokens_per_step": rows * seq_len, "seq_len": seq_len,
             "optimizer": optimizer, "lr": lr_used, "weight_decay": weight_decay,
