@@ -420,7 +420,9 @@ def resolve(name_or_path: str | os.PathLike | None) -> Path:
 
     1. an existing path: a checkpoint folder in HF's layout (config.json + weights), or a
        file inside one. A training run's folder or a `.pt` training checkpoint is refused
-       with the run's `best/` and `final/` folders named (see `_training_run`).
+       with the run's `best/` and `final/` folders named (see `_training_run`), rather
+       than one of them taken silently: they are different models, and which one a
+       number came from is the caller's choice to make and to see in the command.
     2. `None` or "bundled": the tiny model shipped inside the package. A local folder
        called `bundled` wins over it, as any path does (like a folder called
        `gpt2-medium` wins over the preset); leave the name out to be sure.
@@ -549,7 +551,7 @@ def _shadowing(given: str) -> str:
     so hides it (paths win over names)."""
     if given == BUNDLED:
         return (
-            " (this local folder hides the bundled model of the same name: leave the model "
+            " (this local folder hides the bundled model of the same name: leave the name "
             "out to load the bundled one, or run from another folder)"
         )
     if given in HUB_REPOS:
