@@ -262,6 +262,8 @@ def test_info_without_a_model_is_the_bundled_one(offline):
     rows = fields(result.output)
     assert rows["model"] == ["bundled"] and rows["layers"] == ["4"]
     assert rows["directory"] == [str(bundled_dir())]
+    named = invoke("info", "bundled")  # the name --model takes too
+    assert named.exit_code == 0 and named.output == result.output
 
 
 def test_generate_sampling_is_seeded(small_ckpt, offline):

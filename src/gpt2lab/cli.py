@@ -25,7 +25,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MODEL_HELP = "checkpoint directory, preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or HF repo id; default: the bundled model"
+MODEL_HELP = (
+    "checkpoint folder in HF layout (a training run's out_dir/best or out_dir/final), preset "
+    "(gpt2, gpt2-medium, gpt2-large, gpt2-xl), HF repo id, or bundled (the tiny model "
+    "shipped with gpt2lab, the default)"
+)
 
 
 THREADS_HELP = "CPU threads for this command (default: torch's choice, one per core)"
