@@ -53,7 +53,8 @@ QUIET = ["log.progress=false", "eval.iters=2"]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """A prepared dataset: eight short documents, one of which lands in val."""
+    """A prepared dataset: eight short documents (fewer than 20: each one's last quarter
+    of tokens is val)."""
     src = tmp_path_factory.mktemp("corpus_src")
     sentences = PROSE.split("\n")
     for i in range(8):
@@ -144,6 +145,94 @@ def test_prepare_bad_inputs(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"body": "hi"}\n')
     with pytest.raises(gl.GPT2LabError, match="field 'text'"):
         prepare([tmp_path / "x.jsonl"], tmp_path / "out", progress=False)
+
+
+def split_streams(out: Path) -> dict[str, list[int]]:
+    return {
+        split: shards.window(0, shards.n_tokens).tolist() if shards.n_tokens else []
+        for split in ("train", "val")
+        for shards in [TokenShards(out, split)]
+    }
+
+
+def by_tokens(texts: list[str], val_fraction: float) -> dict[str, list[int]]:
+    """The split by tokens, written out: each document's last round(f x n) tokens to
+    val, the rest to train, each part followed by <|endoftext|>."""
+    tok = gl.Tokenizer()
+    split = {"train": [], "val": []}
+    for text in texts:
+        ids = tok.encode(text)
+        cut = len(ids) - int(val_fraction * len(ids) + 0.5)
+        for name, part in (("train", ids[:cut]), ("val", ids[cut:])):
+            if part:
+                split[name] += part + [tok.eot_token]
+    return split
+
+
+def test_one_file_is_split_by_tokens(tmp_path, capsys):
+    """nanoGPT's one-file corpus: a split by document put all of it in train or val."""
+    (tmp_path / "play.txt").write_text(PROSE)
+    manifest = prepare([tmp_path / "play.txt"], tmp_path / "out", progress=False)
+    assert split_streams(tmp_path / "out") == by_tokens([PROSE], 0.05)
+    n = len(gl.Tokenizer().encode(PROSE))
+    assert manifest["tokens"] == {"train": n - round(0.05 * n) + 1, "val": round(0.05 * n) + 1}
+    assert manifest["split"] == {"by": "tokens", "val_fraction": 0.05,
+                                 "reason": "1 document, fewer than 20"}  # fmt: skip
+    assert manifest["documents"] == {"train": 1, "val": 1}
+
+    from gpt2lab.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(tmp_path / "play.txt"), "--out", str(tmp_path / "cli")])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (
+        f"{tmp_path / 'cli'}: train {manifest['tokens']['train']:,} tokens, val "
+        f"{manifest['tokens']['val']:,} tokens: split by tokens (1 document, fewer than 20), "
+        "the last 5% of each document's tokens is val"
+    )
+
+
+def test_few_documents_are_each_split_by_tokens_across_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "COPY_TOKENS", 7)  # copied in many small blocks
+    texts = [PROSE[i * 300 : (i + 1) * 300] for i in range(5)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text)
+    files = [tmp_path / f"{i}.txt" for i in range(5)]
+    manifest = prepare(files, tmp_path / "out", val_fraction=0.3, shard_tokens=40, progress=False)
+    assert split_streams(tmp_path / "out") == by_tokens(texts, 0.3)
+    assert len(manifest["splits"]["train"]) > 1 and len(manifest["splits"]["val"]) > 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["manifest.json"] + [s["file"] for split in ("train", "val") for s in manifest["splits"][split]]
+    )  # fmt: skip
+    again = prepare(files, tmp_path / "again", val_fraction=0.3, shard_tokens=40, progress=False)
+    assert again == manifest  # deterministic (the seed plays no part)
+
+
+def test_many_documents_are_split_by_document_unless_val_is_left_empty(tmp_path):
+    tok = gl.Tokenizer()
+    texts = [f"Document {i}. " + PROSE[i * 50 : i * 50 + 200] for i in range(25)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    manifest = prepare([path], tmp_path / "out", val_fraction=0.2, seed=1, progress=False)
+    assert manifest["split"] == {"by": "document", "val_fraction": 0.2, "seed": 1}
+    expected = {"train": [], "val": []}
+    for i, text in enumerate(texts):
+        split = "val" if data_mod._goes_to_val(i, 0.2, 1) else "train"
+        expected[split] += tok.encode(text) + [tok.eot_token]
+    assert split_streams(tmp_path / "out") == expected and expected["val"]
+
+    # 25 documents, none of which draws val at 1%: split by tokens instead
+    assert not any(data_mod._goes_to_val(i, 0.01, 0) for i in range(25))
+    manifest = prepare([path], tmp_path / "tiny_val", val_fraction=0.01, progress=False)
+    assert manifest["split"]["reason"] == "the split by document left val empty"
+    assert split_streams(tmp_path / "tiny_val") == by_tokens(texts, 0.01)
+    assert manifest["tokens"]["val"] > 0
+
+    # no val asked for: none made
+    manifest = prepare([path], tmp_path / "no_val", val_fraction=0.0, progress=False)
+    assert manifest["split"]["by"] == "document" and manifest["tokens"]["val"] == 0
 
 
 def test_batches_depend_only_on_seed_and_index(corpus):
@@ -341,6 +430,137 @@ def test_folding_fixed_scales_preserves_logits(hf_small, small_ckpt):
         after = model(x)
     assert (before - after).abs().max().item() < 1e-5 * before.abs().max().item()
     assert model.cfg.ln_free
+
+
+# ---- what a run prints and reports ------------------------------------------------------------
+def test_plain_progress_lines_at_an_interval_each_evaluation_and_the_end():
+    """Not on a terminal: one line for the first step, then at most one every `every_s`
+    seconds, plus every evaluation and the last step (a fake clock: 1 s per step)."""
+    import io
+
+    from gpt2lab.training.console import Console
+
+    now = [0.0]
+    stream = io.StringIO()
+    console = Console(stream=stream, tty=False, every_s=10, clock=lambda: now[0])
+    console.start(0, 100)
+    for step in range(1, 101):
+        now[0] = float(step)
+        record = {"step": step, "loss": 5 - step / 100, "lr": 1e-3, "mfu": 0.25,
+                  "tokens_per_s": 1000.0 if step % 2 else 3000.0}  # fmt: skip
+        if step % 25 == 0:
+            record["val_loss"] = 6 - step / 100
+        console.step(record)
+    lines = stream.getvalue().splitlines()
+    steps = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert steps == [1, 11, 21, 25, 35, 45, 50, 60, 70, 75, 85, 95, 100]
+    by_step = dict(zip(steps, lines, strict=True))
+    # tokens/s: the mean over the steps since the previous line (1000 and 3000 -> 1500)
+    assert by_step[11] == ("train: step 11/100 (11%)  loss 4.8900  1,500 tok/s  MFU 25.0%  "
+                           "elapsed 0:11  ETA 1:29")  # fmt: skip
+    assert "  val 5.7500  " in by_step[25] and "ETA 1:15" in by_step[25]
+    assert "  val 5.5000 (step 50)  " in by_step[60]
+    assert by_step[100].endswith("elapsed 1:40  ETA 0:00")
+
+
+def test_a_run_prints_its_phases_progress_and_summary(tmp_path, corpus):
+    import io
+
+    from gpt2lab.training.console import Console
+
+    stream = io.StringIO()
+    cfg = run_config(tmp_path, corpus, "log.progress=true", "train.max_steps=3", "eval.every=2",
+                     "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=1")  # fmt: skip
+    trainer.train(cfg, console=Console(stream=stream, tty=False, every_s=0))
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == (
+        "train: building the model (2 layers, d_model 32, 2 heads, context 64) on cpu"
+    )
+    assert lines[1].startswith("train: 1.64M parameters on cpu (float32); ")
+    assert lines[2] == "train: first evaluation (2 batches of 2 x 16 tokens)"
+    assert lines[3].startswith("train: val loss at step 0: ")
+    assert lines[4] == "train: measuring the device's matmul speed (the reference of MFU)"
+    assert [line.split()[2] for line in lines[5:8]] == ["1/3", "2/3", "3/3"]
+    assert " val " in lines[6] and " ETA " in lines[7]
+    assert lines[8].startswith("train: done: 3 steps, 96 tokens in ")
+    assert lines[8].endswith(f"final model in {tmp_path / 'final'}, best in {tmp_path / 'best'}")
+    assert len(lines) == 9
+
+
+def test_on_a_terminal_a_bar_instead_of_step_lines(tmp_path, corpus):
+    import io
+
+    from gpt2lab.training.console import Console
+
+    stream = io.StringIO()
+    cfg = run_config(tmp_path, corpus, "train.max_steps=3", "eval.every=3", "train.batch_size=2",
+                     "train.seq_len=16", "train.warmup_steps=1")  # fmt: skip
+    trainer.train(cfg, console=Console(stream=stream, tty=True))
+    lines = stream.getvalue().splitlines()
+    assert not any(line.startswith("train: step") for line in lines)
+    assert lines[0].startswith("train: building the model")
+    bar = lines[-2]  # rich draws the finished bar once more when it stops (not a terminal here)
+    assert bar.startswith("train ") and " 3/3 " in bar and " val " in bar and " tok/s" in bar
+    assert lines[-1].startswith("train: done: 3 steps")
+
+
+def test_report_holds_losses_tokens_time_and_paths(tmp_path, corpus):
+    cfg = run_config(tmp_path, corpus, "train.max_steps=6", "eval.every=2", "train.batch_size=2",
+                     "train.seq_len=16", "train.warmup_steps=1", "train.lr=3e-3")  # fmt: skip
+    trainer.train(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(vals) == [2, 4, 6]
+    best_step = min(vals, key=vals.get)
+    assert report["val_loss_final"] == vals[6]
+    assert report["val_loss_best"] == vals[best_step] and report["best_step"] == best_step
+    assert report["val_loss_start"] > max(vals.values())  # it learned something
+    assert report["steps"] == 6 and report["tokens_seen"] == 6 * 2 * 16
+    assert report["tokens_per_s"] == pytest.approx(
+        report["tokens_seen"] / report["train_time_s"], rel=1e-3
+    )
+    assert 0 < report["train_time_s"] < report["wall_time_s"]
+    assert (report["device"], report["dtype"], report["processes"]) == ("cpu", "float32", 1)
+    assert report["final"] == str(tmp_path / "final") and report["best"] == str(tmp_path / "best")
+    assert gl.load(report["best"]) and gl.load(report["final"])
+
+
+def test_an_empty_val_split_is_one_warning_and_a_report_without_losses(tmp_path, capsys):
+    (tmp_path / "prose.txt").write_text(PROSE)
+    prepare([tmp_path / "prose.txt"], tmp_path / "data", val_fraction=0.0, progress=False)
+    cfg = run_config(tmp_path / "run", tmp_path / "data", "train.max_steps=2", "eval.every=1",
+                     "train.batch_size=2", "train.seq_len=16")  # fmt: skip
+    capsys.readouterr()
+    trainer.train(cfg)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gpt2lab: warning: the val split of "), err
+    assert "has 0 tokens" in err and "no best/" in err and "--val-fraction" in err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["val_loss_start"] is None and report["val_loss_final"] is None
+    assert report["val_loss_best"] is None and report["best"] is None
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_train_redirected_to_a_file_writes_progress_lines(tmp_path, corpus):
+    """`gpt2lab train run.toml > log.txt`: plain lines (a bar would write nothing readable)."""
+    (tmp_path / "run.toml").write_text("")
+    sets = [*TINY, "eval.iters=2", f"data.dir='{corpus}'", f"train.out_dir='{tmp_path / 'run'}'",
+            "train.max_steps=3", "eval.every=3", "train.batch_size=2", "train.seq_len=16",
+            "train.warmup_steps=1"]  # fmt: skip
+    with open(tmp_path / "log.txt", "w") as log:
+        subprocess.run(
+            [sys.executable, "-m", "gpt2lab", "train", str(tmp_path / "run.toml"),
+             *[a for item in sets for a in ("--set", item)]],
+            stdout=log, stderr=subprocess.PIPE, check=True,
+        )  # fmt: skip
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert lines[0].startswith("train: building the model")
+    assert any(line.startswith("train: step 1/3 (33%)  loss ") for line in lines), lines
+    assert any(
+        line.startswith("train: step 3/3 (100%)  loss ") and " val " in line for line in lines
+    )
+    assert lines[-1] == f"final model: {tmp_path / 'run' / 'final'}"
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from gpt2lab.model import GPT2
 from gpt2lab.training import rundir, trainer
 from gpt2lab.training.config import load_config
 from gpt2lab.training.data import TokenStream, prepare
+from gpt2lab.training.optim import lr_at
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -303,16 +304,58 @@ def test_overwrite_removes_only_the_old_runs_files(interrupted, corpus, empty_to
 
 @pytest.mark.parametrize(
     "change",
-    ["train.seed=7", "train.batch_size=3", "train.seq_len=24", "train.lr=1e-3",
-     "train.min_lr=0.0", "train.warmup_steps=3", "train.grad_accum=2", "train.weight_decay=0.0",
-     "train.beta2=0.99", "train.grad_clip=0.5", "train.dtype='bfloat16'",
-     "train.freeze=['wpe.weight']"],
+    ["train.seed=7", "train.batch_size=3", "train.seq_len=24", "train.grad_accum=2",
+     "train.weight_decay=0.0", "train.beta2=0.99", "train.grad_clip=0.5",
+     "train.dtype='bfloat16'", "train.freeze=['wpe.weight']"],
 )  # fmt: skip
 def test_resume_refuses_other_trajectory_settings(change, interrupted, corpus):
     key = change.split("=")[0]
-    with pytest.raises(gl.GPT2LabError, match="belongs to a run with other settings") as error:
+    for new_schedule in (False, True):  # --new-schedule allows only the schedule to change
+        with pytest.raises(gl.GPT2LabError, match="belongs to a run with other settings") as error:
+            trainer.train(config(interrupted, corpus, change), resume=True, new_schedule=new_schedule)  # fmt: skip
+        assert key in str(error.value) and STEP3 in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "change, shown",
+    [("train.max_steps=5", "train.max_steps 4 -> 5"),
+     ("train.max_steps=3", "train.max_steps 4 -> 3"),
+     ("train.warmup_steps=3", "train.warmup_steps 2 -> 3"),
+     ("train.lr=1e-3", "train.lr 0.003 -> 0.001; train.min_lr 0.0003 -> 0.0001"),
+     ("train.min_lr=0.0", "train.min_lr 0.0003 -> 0")],
+)  # fmt: skip
+def test_resume_refuses_a_changed_schedule_unless_told(change, shown, interrupted, corpus):
+    """A longer run (or another lr) silently reshaped the cosine schedule of the steps
+    still to come; now it takes --new-schedule, which says what it continues with."""
+    with pytest.raises(gl.GPT2LabError, match="--new-schedule") as error:
         trainer.train(config(interrupted, corpus, change), resume=True)
-    assert key in str(error.value) and STEP3 in str(error.value)
+    message = str(error.value)
+    assert shown in message and STEP3 in message and "(step 3)" in message, message
+    assert "belongs to a run with other settings" not in message
+    assert rundir.latest_checkpoint(interrupted).name == STEP3  # nothing was trained
+
+    cfg = config(interrupted, corpus, change)
+    trainer.train(cfg, resume=True, new_schedule=True)
+    records = log_records(interrupted)
+    assert {"step": 3, "note": f"--new-schedule: continuing with {shown}"} in records
+    steps = [r for r in records if "lr" in r]
+    # steps 1-3 kept the old schedule; those after follow the new one
+    old = config(interrupted, corpus)
+    assert [r["lr"] for r in steps[:3]] == [lr_at(i, old) for i in range(3)]
+    assert [r["lr"] for r in steps[3:]] == [lr_at(i, cfg) for i in range(3, cfg.train.max_steps)]
+    if cfg.train.max_steps > 3:  # the next resume needs no flag: the checkpoints now
+        trainer.train(cfg, resume=True)  # hold the new schedule
+
+
+def test_resume_with_the_same_schedule_needs_no_flag_and_says_where_it_resumed(
+    interrupted, reference, corpus, empty_toml, capsys
+):
+    code, out, err = cli(capsys, empty_toml, "--resume", sets=settings(interrupted, corpus))
+    assert code == 0, err
+    line = f"train: resumed from {interrupted / 'checkpoints' / STEP3} (step 3 of 4)"
+    assert line in out.splitlines(), out
+    assert {"step": 3, "note": line.removeprefix("train: ")} in log_records(interrupted)
+    assert_same_weights(interrupted, reference)
 
 
 def test_resume_takes_the_same_data_from_another_folder(interrupted, reference, corpus, tmp_path):
@@ -366,14 +409,23 @@ def test_resume_allows_cadence_changes_and_stays_bit_identical(interrupted, refe
     assert_same_weights(interrupted, reference)
 
 
-def test_resume_allows_a_longer_run(interrupted, corpus):
-    trainer.train(config(interrupted, corpus, "train.max_steps=5"), resume=True)
-    assert rundir.load_state(rundir.latest_checkpoint(interrupted))["step"] == 5
+def test_resume_new_schedule_extends_a_run_from_the_cli(interrupted, corpus, empty_toml, capsys):
+    longer = settings(interrupted, corpus, "train.max_steps=6")
+    code, _, err = cli(capsys, empty_toml, "--resume", sets=longer)
+    assert_one_line_error(code, err, "train.max_steps 4 -> 6", "--new-schedule")
+    code, out, err = cli(capsys, empty_toml, "--resume", "--new-schedule", sets=longer)
+    assert code == 0, err
+    assert "train: --new-schedule: continuing with train.max_steps 4 -> 6" in out.splitlines()
+    assert rundir.load_state(rundir.latest_checkpoint(interrupted))["step"] == 6
 
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--overwrite", "--resume"], "give one"), (["--fallback"], "only applies with --resume")],
+    [
+        (["--overwrite", "--resume"], "give one"),
+        (["--fallback"], "only applies with --resume"),
+        (["--new-schedule"], "only applies with --resume"),
+    ],
 )
 def test_contradictory_flags(flags, message, tmp_path, corpus, empty_toml, capsys):
     code, _, err = cli(capsys, empty_toml, *flags, sets=settings(tmp_path / "run", corpus))
@@ -496,7 +548,7 @@ def test_a_resumed_run_logs_every_note_exactly_once(kind, tmp_path, corpus, monk
 
     def notes(run: Path) -> list[tuple[int, str]]:
         return [(r["step"], r["note"]) for r in log_records(run)
-                if "note" in r and not r["note"].startswith("resumed:")]  # fmt: skip
+                if "note" in r and not r["note"].startswith("resumed")]  # fmt: skip
 
     def steps(run: Path) -> list[int]:
         return [r["step"] for r in log_records(run) if "loss" in r]

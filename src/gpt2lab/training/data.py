@@ -7,6 +7,14 @@ manifest. Memory stays flat however big the corpus or its files: large text file
 are cut into pieces at places where GPT-2's pre-tokenizer would cut anyway, so the ids
 are exactly those of the whole file.
 
+A split by document needs documents: one file (nanoGPT's `input.txt`, a play) is one
+document, and it lands whole in train or in val. So a corpus of fewer than
+MIN_SPLIT_DOCUMENTS documents, or one whose split by document left a split empty, is
+split by tokens instead: each document's last `val_fraction` of tokens (rounded, cut
+at a token boundary) goes to val and the rest to train, each part ending in
+`<|endoftext|>` so no training window joins two documents unmarked. Deterministic (no
+seed involved); the manifest's `split` says which way and why, and the CLI says it too.
+
 What goes in, and what is left out (and counted in the manifest's `skipped`):
 
 - Text files must be UTF-8. A file with a NUL byte in its first 8 KiB (as git and grep
@@ -60,6 +68,11 @@ HOLD_BYTES = 64 << 20  # files up to this size are read once, into memory; bigge
 TOKENIZER_ID = "gpt2"  # the only vocabulary gpt2lab shards use
 SHARD_FILE = re.compile(r"(train|val)_\d{4,}\.bin")
 EXAMPLES = 5  # skipped paths named per kind in the manifest
+# Fewer documents than this are split by tokens, not by document: at the default
+# val_fraction of 0.05 a split by document expects one val document at 20 documents,
+# and below that val is usually empty or a single, unrepresentative document.
+MIN_SPLIT_DOCUMENTS = 20
+COPY_TOKENS = 1 << 22  # tokens copied at a time when a corpus is split by tokens
 
 
 # ---- what was left out ------------------------------------------------------------------
@@ -489,14 +502,21 @@ def _tokenize_into(
     writers = {split: _ShardWriter(work, split, shard_tokens) for split in ("train", "val")}
     docs = {"train": 0, "val": 0}
     skipped = Skipped()
-    pending: list[tuple[str, str, bool]] = []  # (split, text piece, ends a document)
+    # (split, text piece, the document's entry in `lengths` or None, ends a document)
+    pending: list[tuple[str, str, list | None, bool]] = []
+    # [split, tokens] of each document, in order, kept only while a split by tokens may
+    # still be needed (see _needs_token_split): a few entries, never one per document
+    # of a big corpus.
+    lengths: list[list] = []
 
     def flush() -> None:
-        texts = [text for _, text, _ in pending]
-        for (split, _, ends), ids in zip(
+        texts = [text for _, text, _, _ in pending]
+        for (split, _, entry, ends), ids in zip(
             pending, tok.encode_batch(texts, num_threads=2), strict=True
         ):
             writers[split].write(ids + [tok.eot_token] if ends else ids)
+            if entry is not None:
+                entry[1] += len(ids) + ends
         pending.clear()
 
     documents = iter_documents(inputs, field, skipped, exclude=[out], ignore=[work])
@@ -512,14 +532,18 @@ def _tokenize_into(
         index = 0  # documents taken so far: a skipped file takes no place in the split
         for pieces in documents:
             split = "val" if _goes_to_val(index, val_fraction, seed) else "train"
+            entry = None
+            if val_fraction > 0 and (index < MIN_SPLIT_DOCUMENTS or 0 in docs.values()):
+                entry = [split, 0]
+                lengths.append(entry)
             previous = ""
             for n, piece in enumerate(pieces):  # a big file streams: flush as it goes
                 if n:
-                    pending.append((split, previous, False))
+                    pending.append((split, previous, entry, False))
                     if len(pending) >= 64:
                         flush()
                 previous = piece
-            pending.append((split, previous, True))
+            pending.append((split, previous, entry, True))
             docs[split] += 1
             index += 1
             if len(pending) >= 64:  # tokenize in batches, on both cores
@@ -529,6 +553,12 @@ def _tokenize_into(
         flush()
         for w in writers.values():
             w.close()
+        split_info = {"by": "document", "val_fraction": val_fraction, "seed": seed}
+        reason = _needs_token_split(docs, val_fraction)
+        if reason:
+            bar.update(task, description=f"splitting {index:,} documents by tokens")
+            writers, docs = _split_by_tokens(work, writers, lengths, val_fraction, tok.eot_token)
+            split_info = {"by": "tokens", "val_fraction": val_fraction, "reason": reason}
         if docs["train"] == 0 or sum(s["tokens"] for s in writers["train"].shards) <= docs["train"]:
             left_out = skipped_summary({"skipped": skipped.to_manifest()})
             raise GPT2LabError(
@@ -541,6 +571,7 @@ def _tokenize_into(
             "dtype": "uint16",
             "eot_token": tok.eot_token,
             "documents": docs,
+            "split": split_info,
             "splits": {split: w.shards for split, w in writers.items()},
             "tokens": {split: sum(s["tokens"] for s in w.shards) for split, w in writers.items()},
             "skipped": skipped.to_manifest(),
@@ -550,6 +581,83 @@ def _tokenize_into(
             f.flush()
             os.fsync(f.fileno())
     return manifest
+
+
+# ---- splitting by tokens -------------------------------------------------------------------
+def _needs_token_split(docs: dict[str, int], val_fraction: float) -> str:
+    """Why the corpus must be split by tokens rather than by document ("" when not):
+    too few documents for a split by document to mean anything, or a split left empty.
+    Never when val_fraction is 0 (no val split was asked for)."""
+    total = docs["train"] + docs["val"]
+    if val_fraction == 0 or total == 0:
+        return ""
+    if total < MIN_SPLIT_DOCUMENTS:
+        return f"{total} document{'s' if total != 1 else ''}, fewer than {MIN_SPLIT_DOCUMENTS}"
+    for split in ("val", "train"):
+        if docs[split] == 0:
+            return f"the split by document left {split} empty"
+    return ""
+
+
+def _split_by_tokens(
+    work: Path, writers: dict[str, _ShardWriter], lengths: list[list], val_fraction: float,
+    eot: int,
+) -> tuple[dict[str, _ShardWriter], dict[str, int]]:  # fmt: skip
+    """Rewrite the shards split by tokens: each document's last round(val_fraction x n)
+    of its n tokens (its `<|endoftext|>` not counted) go to val, the others to train,
+    each part followed by `<|endoftext|>`. `lengths` holds every document's [split,
+    tokens] in order, as the split by document wrote them. The new shards are built in
+    a subfolder of `work`, copied a block at a time (memory stays flat), then moved over
+    the old ones. Returns the new writers and documents per split."""
+    streams = {
+        split: TokenShards.from_shards(work, w.shards, split) for split, w in writers.items()
+    }
+    staging = work / "by-tokens"
+    staging.mkdir()
+    new = {split: _ShardWriter(staging, split, w.shard_tokens) for split, w in writers.items()}
+    docs = {"train": 0, "val": 0}
+    offset = {"train": 0, "val": 0}
+    for split, n in lengths:
+        start = offset[split]
+        offset[split] += n
+        text = n - 1  # the document's tokens before its <|endoftext|>
+        n_val = int(val_fraction * text + 0.5)
+        parts = {"train": (start, text - n_val), "val": (start + text - n_val, n_val)}
+        for part, (first, count) in parts.items():
+            if count > 0:
+                for at in range(first, first + count, COPY_TOKENS):
+                    take = min(COPY_TOKENS, first + count - at)
+                    new[part].write(streams[split].window(at, take))
+                new[part].write([eot])
+                docs[part] += 1
+    for w in new.values():
+        w.close()
+    del streams  # close the memory maps before their files go
+    for w in writers.values():
+        for shard in w.shards:
+            (work / shard["file"]).unlink()
+    for w in new.values():
+        for shard in w.shards:
+            os.replace(staging / shard["file"], work / shard["file"])
+    staging.rmdir()
+    return new, docs
+
+
+def split_summary(manifest: dict) -> str:
+    """The CLI's line for a prepared dataset: tokens and documents per split, and, when
+    the corpus was split by tokens, how and why."""
+    tokens, docs = manifest["tokens"], manifest["documents"]
+    split = manifest.get("split") or {}
+    if split.get("by") != "tokens":
+        return (
+            f"train {tokens['train']:,} tokens ({docs['train']} documents), "
+            f"val {tokens['val']:,} tokens ({docs['val']} documents)"
+        )
+    share = f"{100 * split['val_fraction']:g}%"
+    return (
+        f"train {tokens['train']:,} tokens, val {tokens['val']:,} tokens: split by tokens "
+        f"({split['reason']}), the last {share} of each document's tokens is val"
+    )
 
 
 class _writing:
@@ -634,7 +742,17 @@ class TokenShards(TokenStream):
     def __init__(self, directory: str | Path, split: str, vocab_size: int | None = None):
         directory = Path(directory)
         manifest = read_manifest(directory, vocab_size)
-        shards = [s for s in manifest["splits"].get(split, []) if s["tokens"] > 0]
+        self._open(directory, manifest["splits"].get(split, []), split)
+
+    @classmethod
+    def from_shards(cls, directory: Path, shards: list[dict], split: str) -> TokenShards:
+        """The shards listed (manifest entries), before a manifest exists (`prepare`)."""
+        self = cls.__new__(cls)
+        self._open(directory, shards, split)
+        return self
+
+    def _open(self, directory: Path, shards: list[dict], split: str) -> None:
+        shards = [s for s in shards if s["tokens"] > 0]
         self.arrays = []
         for shard in shards:
             path = directory / shard["file"]

@@ -16,7 +16,9 @@
 - An out_dir belongs to one run. A new run refuses an out_dir holding another run's
   files unless told to `--overwrite` them (only the files listed above are removed),
   and `--resume` refuses a checkpoint whose trajectory settings differ from the
-  configuration given (`run_identity`), saying what differs.
+  configuration given (`run_identity`), saying what differs. The learning-rate
+  schedule (`schedule`) is compared apart: the trainer accepts a change of it when
+  told to (`--new-schedule`), never any other difference.
 """
 
 from __future__ import annotations
@@ -265,13 +267,15 @@ def quarantine(path: Path) -> Path:
 
 
 # ---- run identity --------------------------------------------------------------------------
-# Settings that may change on --resume: they do not change the weights' trajectory
-# (max_steps does change the cosine schedule's length, and is allowed on purpose:
-# extending a run is the common reason to resume).
-MAY_CHANGE = {"train.max_steps", "train.out_dir", "train.device", "train.compile",
+# Settings that may change on --resume: they do not change the weights' trajectory.
+MAY_CHANGE = {"train.out_dir", "train.device", "train.compile",
               "train.nonfinite", "train.nonfinite_limit", "eval.every", "eval.iters",
               "checkpoint.every", "checkpoint.keep", "log.every", "log.tensorboard",
               "log.progress"}  # fmt: skip
+# The learning-rate schedule (optim.lr_at): compared by `schedule`, not in the identity,
+# because a resume may change it when asked to (`--new-schedule`): extending a run
+# (a larger max_steps, which stretches the cosine decay) is a common reason to resume.
+SCHEDULE = ("train.max_steps", "train.warmup_steps", "train.lr", "train.min_lr")
 # Paths compared by what they hold instead (see run_identity).
 BY_CONTENT = {"data.dir", "model.init_from"}
 
@@ -318,14 +322,36 @@ def run_identity(
         if isinstance(table, dict)
         for key, value in table.items()
     }
-    identity = {k: v for k, v in flat.items() if k not in MAY_CHANGE | BY_CONTENT}
+    identity = {k: v for k, v in flat.items() if k not in MAY_CHANGE | BY_CONTENT | set(SCHEDULE)}
     identity.update(content or {})
     accum = identity.pop("train.grad_accum", 1)
     identity["train.grad_accum*processes"] = accum * world
-    lr, min_lr = identity.get("train.lr"), identity.get("train.min_lr")
-    if isinstance(lr, float) and isinstance(min_lr, float) and min_lr < 0:
-        identity["train.min_lr"] = lr / 10  # -1 means lr / 10: compare what is used
     return identity
+
+
+def schedule(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The learning-rate schedule's settings ('train.max_steps', ...) of a run's saved
+    or current configuration, min_lr as used (-1 means lr / 10). A key a configuration
+    lacks is left out (and so never counts as a change)."""
+    train = train_config.get("train") if isinstance(train_config.get("train"), dict) else {}
+    found = {
+        f"train.{k}": train[k] for k in (key.split(".", 1)[1] for key in SCHEDULE) if k in train
+    }
+    lr, min_lr = found.get("train.lr"), found.get("train.min_lr")
+    if isinstance(lr, float) and isinstance(min_lr, float) and min_lr < 0:
+        found["train.min_lr"] = lr / 10
+    return found
+
+
+def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key saved -> current' for each setting of two `schedule`s that differs, numbers
+    as a person would write them (3e-04, not 0.00030000000000000003)."""
+
+    def shown(value: Any) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+    keys = [k for k in SCHEDULE if k in saved and k in current and saved[k] != current[k]]
+    return [f"{k} {shown(saved[k])} -> {shown(current[k])}" for k in keys]
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -14,7 +14,11 @@ What the trainer promises about faults (see `rundir` for the files):
 - A new run refuses an out_dir that holds another run's files unless
   `overwrite=True` (`--overwrite`, which removes only gpt2lab's files of the old run);
   `--resume` refuses a checkpoint made with other trajectory settings (seed, data,
-  batch, sequence length, learning-rate schedule, ...) and names what differs.
+  batch, sequence length, ...) and names what differs. A changed learning-rate
+  schedule (max_steps, warmup_steps, lr, min_lr) is refused too unless
+  `new_schedule=True` (`--new-schedule`): a larger max_steps stretches the cosine
+  decay of every step still to come, which is what extending a run means but should
+  not happen by accident.
 - A non-finite loss or gradient norm never reaches the weights. With
   `train.nonfinite = "stop"` (the default) the run stops with an error naming the
   step; with `"skip"` the update is skipped and the run stops after
@@ -30,7 +34,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,6 +47,7 @@ from ..errors import GPT2LabError, one_line
 from ..model import GPT2
 from . import distributed, recipes, rundir
 from .config import TrainConfig
+from .console import Console, duration
 from .data import TokenShards
 from .loss import cross_entropy
 from .optim import lr_at, make_optimizer
@@ -97,9 +101,14 @@ class Trainer:
         resume: bool = False,
         fallback: bool = False,
         overwrite: bool = False,
+        new_schedule: bool = False,
+        console: Console | None = None,
     ):
+        started = time.perf_counter()
         if fallback and not resume:
             raise GPT2LabError("--fallback only applies with --resume")
+        if new_schedule and not resume:
+            raise GPT2LabError("--new-schedule only applies with --resume")
         if overwrite and resume:
             raise GPT2LabError(
                 "--overwrite starts a new run over the old one and --resume continues it: give one"
@@ -107,6 +116,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.ctx = distributed.setup(t.device)
+        self.console = console or Console(enabled=self.ctx.is_main, progress=cfg.log.progress)
         self.out = Path(t.out_dir)
         self.notes: list[tuple[int, str]] = []  # written to log.jsonl once it is open
         old_run = self._check_out_dir(resume, overwrite) if self.ctx.is_main else []
@@ -114,6 +124,7 @@ class Trainer:
         if t.dtype == "float16" and self.ctx.device.type != "cuda":
             raise GPT2LabError("train.dtype float16 needs a CUDA device; use bfloat16 on the CPU")
 
+        self.console.phase(_building(cfg, self.ctx.device))
         self.model = build_model(cfg, self.ctx.device)
         # What the run starts from, by content (before anything touches the weights).
         init = rundir.weights_digest(self.model) if cfg.model.init_from else None
@@ -124,6 +135,18 @@ class Trainer:
         self.train_data = TokenShards(cfg.data.dir, "train", self.model.cfg.d_vocab)
         val = TokenShards(cfg.data.dir, "val", self.model.cfg.d_vocab)
         self.val_data = val if val.n_tokens > t.seq_len + 1 else None
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.console.phase(
+            f"{n_params / 1e6:.2f}M parameters on {self.ctx.device} ({t.dtype}); {cfg.data.dir}: "
+            f"train {self.train_data.n_tokens:,} tokens, val {val.n_tokens:,} tokens"
+        )
+        if self.val_data is None and cfg.eval.every:
+            self.console.warn(
+                f"the val split of {cfg.data.dir} has {val.n_tokens:,} tokens, fewer than one "
+                f"window of {t.seq_len + 1}: this run evaluates nothing and saves no best/ "
+                "(prepare the data again with a --val-fraction > 0; fewer than 20 documents "
+                "are then split by tokens)"
+            )
         if t.seq_len > self.model.cfg.n_ctx:
             raise GPT2LabError(
                 f"train.seq_len {t.seq_len} exceeds the model's context {self.model.cfg.n_ctx}"
@@ -140,10 +163,16 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.ctx.device)
         self.step = 0
         self.best_val = math.inf
+        self.best_step: int | None = None
         self.nonfinite_streak = 0  # non-finite steps in a row (train.nonfinite = "skip")
         self.report: dict = {}
+        # Time spent by this process (from here) and by the sessions before a resume
+        # (from the checkpoint's report), for report.json.
+        self.started = started
+        self.train_seconds = 0.0  # in training steps only, this session
+        self.time_before = {"wall_time_s": 0.0, "train_time_s": 0.0}
         if resume:
-            self._resume(fallback)
+            self._resume(fallback, new_schedule)
         elif t.recipe == "ln-free":
             calib = [
                 self.train_data.batch(t.batch_size, t.seq_len, t.seed + 1, i)[0]
@@ -198,19 +227,28 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "best_val": self.best_val,
+            "best_step": self.best_step,
             "rng": _rng_state(),
             "model_config": self.model.cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             "identity": self.identity,
             "nonfinite_streak": self.nonfinite_streak,
             "ln_sigmas": self.sigmas,
-            "report": self.report,
+            "report": {**self.report, **self._times()},
         }
 
-    def _resume(self, fallback: bool) -> None:
+    def _times(self) -> dict:
+        """Seconds spent so far, over every session of the run up to this step."""
+        return {
+            "wall_time_s": self.time_before["wall_time_s"] + time.perf_counter() - self.started,
+            "train_time_s": self.time_before["train_time_s"] + self.train_seconds,
+        }
+
+    def _resume(self, fallback: bool, new_schedule: bool) -> None:
         """Continue from the newest usable checkpoint. A damaged one is an error, or with
         `fallback` is moved aside and the previous one tried; a checkpoint of another
-        run (other shape or trajectory settings) is always an error."""
+        run (other shape or trajectory settings) is always an error, and one with another
+        learning-rate schedule is one unless `new_schedule`."""
         candidates = rundir.checkpoints(self.out)[::-1]
         if not candidates:
             raise GPT2LabError(f"--resume: no checkpoint in {self.out / CKPT_DIR}")
@@ -219,6 +257,7 @@ class Trainer:
             try:
                 state = rundir.load_state(path)
                 self._check_same_run(state, path)
+                changed = self._check_schedule(state, path, new_schedule)
                 self._restore(state, path)
             except rundir.CheckpointError as e:
                 if not fallback:
@@ -233,6 +272,13 @@ class Trainer:
                 dropped = rundir.truncate_log(self.out, self.step)
                 if dropped:
                     notes.append(f"resumed: dropped {dropped} log records after step {self.step}")  # fmt: skip
+                resumed = f"resumed from {path} (step {self.step} of {self.cfg.train.max_steps})"
+                notes.append(resumed)
+                self.console.say(resumed)
+                if changed:
+                    message = f"--new-schedule: continuing with {'; '.join(changed)}"
+                    notes.append(message)
+                    self.console.say(message)
                 self.notes += [(self.step, message) for message in notes]
             return
         raise GPT2LabError(
@@ -247,7 +293,7 @@ class Trainer:
             return []  # the main process moves it; the others just skip it
         moved = rundir.quarantine(path)
         message = f"{error}; moved it to {moved.name} and trying the previous checkpoint"
-        print(f"gpt2lab: warning: {message}", file=sys.stderr)
+        self.console.warn(message)
         return [message]
 
     def _check_same_run(self, state: dict, path: Path) -> None:
@@ -264,9 +310,25 @@ class Trainer:
         if differences:
             raise GPT2LabError(
                 f"--resume: {path} belongs to a run with other settings ({'; '.join(differences)}); "
-                "resume with the same settings (only max_steps, device, nonfinite and the "
-                "eval/log/checkpoint cadence may change) or start a new run in another train.out_dir"
+                "resume with the same settings (only device, nonfinite and the "
+                "eval/log/checkpoint cadence may change; the learning-rate schedule with "
+                "--new-schedule) or start a new run in another train.out_dir"
             )
+
+    def _check_schedule(self, state: dict, path: Path, new_schedule: bool) -> list[str]:
+        """The learning-rate schedule's changes against the checkpoint ('key a -> b'): an
+        error unless `new_schedule`, which continues with the new schedule."""
+        changed = rundir.schedule_changes(
+            rundir.schedule(state["train_config"]), rundir.schedule(self.cfg.to_dict())
+        )
+        if changed and not new_schedule:
+            raise GPT2LabError(
+                f"--resume: the configuration changes the learning-rate schedule of {path} "
+                f"(step {state['step']}): {'; '.join(changed)}, which changes the learning rate "
+                "of every step still to come; add --new-schedule to continue with the new "
+                "schedule, or resume with the checkpoint's settings"
+            )
+        return changed
 
     def _restore(self, state: dict, path: Path) -> None:
         """Load a verified checkpoint into the model, optimizer and RNGs."""
@@ -283,7 +345,11 @@ class Trainer:
                     f"checkpoint {path}: {what} cannot be restored ({one_line(e, 300)})"
                 ) from None
         self.step, self.best_val = state["step"], float(state["best_val"])
-        self.sigmas, self.report = state["ln_sigmas"], state.get("report", {})
+        self.best_step = state.get("best_step")
+        self.sigmas, self.report = state["ln_sigmas"], dict(state.get("report", {}))
+        for key in self.time_before:  # kept apart: this session's time is added on saving
+            value = self.report.pop(key, 0.0)
+            self.time_before[key] = value if isinstance(value, float) else 0.0
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         if self.schedule and self.step > 0:
             # LN-removal sites switched before this step: their notes are in the log
@@ -446,24 +512,39 @@ class Trainer:
         raise GPT2LabError(message)
 
     # -- the loop ------------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.seq_len * t.grad_accum * self.ctx.world
+
     def train(self) -> Path:
         ctx = self.ctx
         log = _Log(self.out, self.cfg, enabled=ctx.is_main, start=self.step)
         try:
             for step, message in self.notes:
                 log.note(step, message)
-            if self.step == 0 and ctx.is_main:
+            if self.step == 0 and ctx.is_main and self.val_data is not None:
+                e, t = self.cfg.eval, self.cfg.train
+                self.console.phase(
+                    f"first evaluation ({e.iters} batches of {t.batch_size} x {t.seq_len} tokens)"
+                )
                 self.report["val_loss_start"] = self.evaluate()
+                self.console.phase(f"val loss at step 0: {self.report['val_loss_start']:.4f}")
             self._loop(log)
             return self._finish(log)
         finally:
+            self.console.close()
             log.close()
             distributed.teardown(ctx)
 
     def _loop(self, log: _Log) -> None:
         t, ctx = self.cfg.train, self.ctx
+        if self.step < t.max_steps:
+            self.report.pop("val_loss_final", None)  # of a shorter schedule (--new-schedule)
+            self.console.phase("measuring the device's matmul speed (the reference of MFU)")
         peak = _peak_flops(ctx.device, t.dtype)
-        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * ctx.world
+        tokens_per_step = self.tokens_per_step
+        self.console.start(self.step, t.max_steps)
         while self.step < t.max_steps:
             started = time.perf_counter()
             if self.schedule:
@@ -488,12 +569,14 @@ class Trainer:
             self.step += 1
 
             elapsed = time.perf_counter() - started
+            self.train_seconds += elapsed
             tok_s = tokens_per_step / elapsed
             record = {"step": self.step, "loss": loss if finite else None, "lr": lr, "tokens_per_s": tok_s,
                       "mfu": tok_s * self.flops_per_token() / (peak * ctx.world)}  # fmt: skip
             if not finite:
                 record["skipped"] = True
             self._after_step(record, log)
+        self.console.close()  # the bar ends here, above the summary line
 
     def _after_step(self, record: dict, log: _Log) -> None:
         """Evaluate, log and checkpoint on their cadences."""
@@ -503,10 +586,13 @@ class Trainer:
             record["val_loss"] = val = self.evaluate()
             if val is not None and val < self.best_val:
                 self._check_weights_finite()
-                self.best_val = val
+                self.best_val, self.best_step = val, self.step
                 save_model(self.model, self.out / "best")
+            if last:
+                self.report["val_loss_final"] = val
         if self.step % self.cfg.log.every == 0 or last or "val_loss" in record:
             log.write(record)
+        self.console.step(record)
         if ctx.is_main and (self.step % self.cfg.checkpoint.every == 0 or last):
             self.save_checkpoint()
 
@@ -518,12 +604,41 @@ class Trainer:
                 self.report["val_loss_end"] = self.evaluate()
                 log.note(
                     self.step,
-                    f"ln-free: held-out loss {self.report['val_loss_start']} -> {self.report['val_loss_end']}",
+                    f"ln-free: held-out loss {self.report.get('val_loss_start')} -> {self.report['val_loss_end']}",
                 )
             self._check_weights_finite()
             save_model(self.model, final)
-            (self.out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+            report = self._final_report(final)
+            (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            self.console.say(_summary(report))
         return final
+
+    def _final_report(self, final: Path) -> dict:
+        """report.json: the held-out losses (start, final, best and its step), how much
+        was trained (steps, tokens), how long it took over every session of the run, and
+        where the models are. A loss is null when the run has no val split."""
+        t = self.cfg.train
+        times = self._times()
+        tokens = self.step * self.tokens_per_step
+        speed = tokens / times["train_time_s"] if times["train_time_s"] else None
+        best = self.out / "best" if math.isfinite(self.best_val) else None
+        return {
+            "val_loss_start": self.report.get("val_loss_start"),
+            "val_loss_final": self.report.get("val_loss_final"),
+            "val_loss_best": self.best_val if best else None,
+            "best_step": self.best_step if best else None,
+            **{k: v for k, v in self.report.items() if k == "val_loss_end"},  # ln-free
+            "steps": self.step,
+            "tokens_seen": tokens,
+            "wall_time_s": round(times["wall_time_s"], 3),
+            "train_time_s": round(times["train_time_s"], 3),
+            "tokens_per_s": None if speed is None else round(speed, 1),
+            "device": str(self.ctx.device),
+            "dtype": t.dtype,
+            "processes": self.ctx.world,
+            "final": str(final),
+            "best": str(best) if best else None,
+        }
 
 
 def _memory_bytes(device: torch.device) -> int | None:
@@ -587,11 +702,12 @@ def _peak_flops(device: torch.device, dtype: str) -> float:
 
 
 class _Log:
-    """JSONL log (appended across resumes), optional TensorBoard, and a progress bar."""
+    """JSONL log (appended across resumes) and optional TensorBoard; what is shown on
+    the terminal while the run goes is `Console`'s."""
 
     def __init__(self, out: Path, cfg: TrainConfig, *, enabled: bool, start: int):
         self.enabled = enabled
-        self.bar = self.tb = None
+        self.tb = None
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -603,19 +719,6 @@ class _Log:
                 self.tb = SummaryWriter(str(out / "tensorboard"))
             except ImportError:
                 self.note(start, "tensorboard is not installed; logging to log.jsonl only")
-        if cfg.log.progress:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.description}"))  # fmt: skip
-            self.task = self.bar.add_task("", total=cfg.train.max_steps, completed=start)
-            self.bar.start()
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -626,14 +729,6 @@ class _Log:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     self.tb.add_scalar(key, value, record["step"])
-        if self.bar:
-            loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
-            desc = (
-                f"loss {loss}  {record['tokens_per_s']:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
-            )
-            if record.get("val_loss") is not None:
-                desc += f"  val {record['val_loss']:.4f}"
-            self.bar.update(self.task, completed=record["step"], description=desc)
 
     def note(self, step: int, message: str) -> None:
         if self.enabled:
@@ -642,15 +737,48 @@ class _Log:
 
     def close(self) -> None:
         if self.enabled:
-            if self.bar:
-                self.bar.stop()
             if self.tb:
                 self.tb.close()
             self.file.close()
 
 
+def _building(cfg: TrainConfig, device: torch.device) -> str:
+    """The line announcing the model's construction (loading a big one takes a while)."""
+    m = cfg.model
+    if m.init_from:
+        return f"loading {m.init_from} to fine-tune, on {device}"
+    c = cfg.model_config()
+    shape = f"{c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, context {c.n_ctx}"
+    name = f"{m.preset}: " if m.preset else ""
+    return f"building the model ({name}{shape}) on {device}"
+
+
+def _summary(report: dict) -> str:
+    """The run's last line: how much, how fast, how good, and where the models are."""
+    tokens = report["tokens_seen"]
+    speed = f", {report['tokens_per_s']:,.0f} tok/s" if report["tokens_per_s"] else ""
+    line = (
+        f"done: {report['steps']} steps, {tokens:,} tokens in "
+        f"{duration(report['wall_time_s'])}{speed}"
+    )
+    if report["val_loss_final"] is not None:
+        line += f"; val loss {report['val_loss_final']:.4f}"
+    if report["val_loss_best"] is not None:
+        line += f" (best {report['val_loss_best']:.4f} at step {report['best_step']})"
+    line += f"; final model in {report['final']}"
+    if report["best"]:
+        line += f", best in {report['best']}"
+    return line
+
+
 def train(
-    cfg: TrainConfig, *, resume: bool = False, fallback: bool = False, overwrite: bool = False
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    fallback: bool = False,
+    overwrite: bool = False,
+    new_schedule: bool = False,
+    console: Console | None = None,
 ) -> Path:
     """Run (or resume) a training run; returns the directory of the final model (HF layout).
 
@@ -659,8 +787,16 @@ def train(
     fallback: with resume, move damaged checkpoints aside (`*.corrupt`) and continue
         from the newest good one, instead of stopping with an error.
     overwrite: start a new run in an out_dir that holds another run, removing that
-        run's checkpoints, log, report and final/best models (nothing else)."""
+        run's checkpoints, log, report and final/best models (nothing else).
+    new_schedule: with resume, accept a learning-rate schedule (max_steps,
+        warmup_steps, lr, min_lr) other than the checkpoint's, and continue with it.
+    console: where progress goes (default: stdout, a bar on a terminal, plain lines
+        otherwise; see `console.Console`)."""
     try:
-        return Trainer(cfg, resume=resume, fallback=fallback, overwrite=overwrite).train()
+        trainer = Trainer(
+            cfg, resume=resume, fallback=fallback, overwrite=overwrite,
+            new_schedule=new_schedule, console=console,
+        )  # fmt: skip
+        return trainer.train()
     except OSError as e:  # a full or read-only disk mid-run, a vanished file, ...
         raise GPT2LabError(rundir.os_error_message(e)) from None
