@@ -330,7 +330,10 @@ def prepare(
     out: str = typer.Option(..., "--out", "-o", help="output directory for the shards"),
     field: str = typer.Option("text", "--field", help="JSONL field holding the text"),
     val_fraction: float = typer.Option(
-        0.05, "--val-fraction", help="share of documents for validation"
+        0.05,
+        "--val-fraction",
+        help="share of documents for validation; a corpus of fewer than 20 documents (one "
+        "file) is split by tokens: the last share of each document's tokens",
     ),
     shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="tokens per shard file"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
@@ -341,17 +344,13 @@ def prepare(
     output included) are skipped and counted. The dataset appears at --out only when
     complete; an old one there is replaced then, and kept if the run fails."""
     from .training.data import prepare as run_prepare
-    from .training.data import skipped_summary
+    from .training.data import skipped_summary, split_summary
 
     manifest = run_prepare(
         inputs, out, field=field, val_fraction=val_fraction, shard_tokens=shard_tokens,
         seed=seed, progress=sys.stderr.isatty(),
     )  # fmt: skip
-    tokens, docs = manifest["tokens"], manifest["documents"]
-    typer.echo(
-        f"{out}: train {tokens['train']:,} tokens ({docs['train']} documents), "
-        f"val {tokens['val']:,} tokens ({docs['val']} documents)"
-    )
+    typer.echo(f"{out}: {split_summary(manifest)}")
     if summary := skipped_summary(manifest):
         typer.echo(summary)
 
@@ -366,7 +365,14 @@ def train(
         False,
         "--resume",
         help="continue from the latest checkpoint in out_dir (it must be of a run with the "
-        "same settings; max_steps, device, nonfinite and the eval/log/checkpoint cadence may change)",
+        "same settings; device, nonfinite and the eval/log/checkpoint cadence may change)",
+    ),
+    new_schedule: bool = typer.Option(
+        False,
+        "--new-schedule",
+        help="with --resume: continue with this configuration's learning-rate schedule "
+        "(max_steps, warmup_steps, lr, min_lr) where it differs from the checkpoint's, e.g. "
+        "to extend a run with --set train.max_steps=N",
     ),
     fallback: bool = typer.Option(
         False,
@@ -391,7 +397,9 @@ def train(
 
     use_threads(threads)
     cfg = load_config(config, set_)
-    final = run_train(cfg, resume=resume, fallback=fallback, overwrite=overwrite)
+    final = run_train(
+        cfg, resume=resume, fallback=fallback, overwrite=overwrite, new_schedule=new_schedule
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"final model: {final}")
 
