@@ -649,9 +649,13 @@ def split_summary(manifest: dict) -> str:
     tokens, docs = manifest["tokens"], manifest["documents"]
     split = manifest.get("split") or {}
     if split.get("by") != "tokens":
+
+        def documents(n: int) -> str:
+            return f"{n} document" + ("" if n == 1 else "s")
+
         return (
-            f"train {tokens['train']:,} tokens ({docs['train']} documents), "
-            f"val {tokens['val']:,} tokens ({docs['val']} documents)"
+            f"train {tokens['train']:,} tokens ({documents(docs['train'])}), "
+            f"val {tokens['val']:,} tokens ({documents(docs['val'])})"
         )
     share = f"{100 * split['val_fraction']:g}%"
     return (

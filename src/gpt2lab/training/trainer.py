@@ -45,9 +45,10 @@ from ..checkpoint import load as load_checkpoint
 from ..checkpoint import save as save_model
 from ..errors import GPT2LabError, one_line
 from ..model import GPT2
+from ..progress import format_duration, format_rate
 from . import distributed, recipes, rundir
 from .config import TrainConfig
-from .console import Console, duration
+from .console import Console
 from .data import TokenShards
 from .loss import cross_entropy
 from .optim import lr_at, make_optimizer
@@ -756,10 +757,10 @@ def _building(cfg: TrainConfig, device: torch.device) -> str:
 def _summary(report: dict) -> str:
     """The run's last line: how much, how fast, how good, and where the models are."""
     tokens = report["tokens_seen"]
-    speed = f", {report['tokens_per_s']:,.0f} tok/s" if report["tokens_per_s"] else ""
+    speed = f", {format_rate(report['tokens_per_s'])} tok/s" if report["tokens_per_s"] else ""
     line = (
         f"done: {report['steps']} steps, {tokens:,} tokens in "
-        f"{duration(report['wall_time_s'])}{speed}"
+        f"{format_duration(report['wall_time_s'])}{speed}"
     )
     if report["val_loss_final"] is not None:
         line += f"; val loss {report['val_loss_final']:.4f}"
