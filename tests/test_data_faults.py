@@ -393,6 +393,11 @@ BAD_ARGUMENTS = {
     "field=None": dict(field=None),
     "seed='x'": dict(seed="x"),
     "seed=1.5": dict(seed=1.5),
+    "num_threads=0": dict(num_threads=0),
+    "num_threads=-2": dict(num_threads=-2),
+    "num_threads=1.5": dict(num_threads=1.5),
+    "num_threads='2'": dict(num_threads="2"),
+    "num_threads=True": dict(num_threads=True),
 }
 
 
@@ -412,6 +417,21 @@ def test_numpy_numbers_are_plain_numbers(tmp_path):
                     shard_tokens=np.int64(20), seed=np.uint8(3), progress=False)  # fmt: skip
     assert numpy == plain
     assert snapshot(tmp_path / "numpy") == snapshot(tmp_path / "plain")
+
+
+def test_the_shards_do_not_depend_on_the_tokenizer_threads(tmp_path, capsys):
+    src = write_corpus(tmp_path / "src")
+    one = prepare([src], tmp_path / "one", val_fraction=0.25, num_threads=1, progress=False)
+    for threads, code in (("3", 0), ("0", 2)):
+        argv = ["prepare", str(src), "--out", str(tmp_path / threads), "--val-fraction", "0.25",
+                "--threads", threads]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == code
+    assert "--threads" in capsys.readouterr().err
+    assert len(train_ids(tmp_path / "one")) > 20 and one["tokenizer"]
+    assert snapshot(tmp_path / "3") == snapshot(tmp_path / "one")
+    assert not (tmp_path / "0").exists()
 
 
 def test_no_inputs_is_an_error(tmp_path):

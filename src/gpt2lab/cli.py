@@ -338,6 +338,9 @@ def prepare(
     ),
     shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="tokens per shard file"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="tokenizer threads (default: one per core)"
+    ),
 ) -> None:
     """Tokenize a corpus into uint16 train/val token shards plus a manifest.
 
@@ -349,7 +352,7 @@ def prepare(
 
     manifest = run_prepare(
         inputs, out, field=field, val_fraction=val_fraction, shard_tokens=shard_tokens,
-        seed=seed, progress=sys.stderr.isatty(),
+        seed=seed, progress=sys.stderr.isatty(), num_threads=threads,
     )  # fmt: skip
     typer.echo(f"{out}: {split_summary(manifest)}")
     if summary := skipped_summary(manifest):

@@ -457,17 +457,23 @@ def prepare(
     shard_tokens: int = 100_000_000,
     seed: int = 0,
     progress: bool = True,
+    num_threads: int | None = None,
 ) -> dict:
     """Tokenize documents into `out/{train,val}_NNNN.bin` (uint16) + `out/manifest.json`.
 
     The dataset is written atomically (see the module notes): `out` is either the old
     dataset or the complete new one, never half of either. Returns the manifest, whose
-    `skipped` says which inputs were left out (binary, dataset folders, hidden)."""
+    `skipped` says which inputs were left out (binary, dataset folders, hidden).
+    num_threads: tokenizer threads (default: one per core this process may use); the
+        shards do not depend on it."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     val_fraction, shard_tokens, seed = _check_arguments(
         inputs, field, val_fraction, shard_tokens, seed
     )
+    if num_threads is None:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+    num_threads = validate.integer("num_threads", num_threads, 1)
     given = str(out)
     out = Path(out).absolute()
     _check_output(out, given)
@@ -475,7 +481,7 @@ def prepare(
     published = False
     try:
         manifest = _tokenize_into(
-            work, inputs, out, field, val_fraction, shard_tokens, seed, progress
+            work, inputs, out, field, val_fraction, shard_tokens, seed, progress, num_threads
         )
         try:
             _publish(work, out)
@@ -492,7 +498,7 @@ def prepare(
 
 def _tokenize_into(
     work: Path, inputs, out: Path, field: str, val_fraction: float, shard_tokens: int,
-    seed: int, progress: bool,
+    seed: int, progress: bool, num_threads: int,
 ) -> dict:  # fmt: skip
     """Tokenize every document into shards in `work`; write the manifest last."""
     from rich.console import Console
@@ -512,7 +518,7 @@ def _tokenize_into(
     def flush() -> None:
         texts = [text for _, text, _, _ in pending]
         for (split, _, entry, ends), ids in zip(
-            pending, tok.encode_batch(texts, num_threads=2), strict=True
+            pending, tok.encode_batch(texts, num_threads=num_threads), strict=True
         ):
             writers[split].write(ids + [tok.eot_token] if ends else ids)
             if entry is not None:
