@@ -565,7 +565,8 @@ def test_train_redirected_to_a_file_writes_progress_lines(tmp_path, corpus):
     assert any(
         line.startswith("train: step 3/3 (100%), loss ") and " val " in line for line in lines
     )
-    assert lines[-1] == f"final model: {tmp_path / 'run' / 'final'}"
+    assert lines[-1].startswith("train: done: 3 steps, 96 tokens in ")
+    assert f"final model in {tmp_path / 'run' / 'final'}, best in " in lines[-1]
 
 
 def test_the_example_configs_load():

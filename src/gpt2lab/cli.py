@@ -401,11 +401,8 @@ def train(
 
     use_threads(threads)
     cfg = load_config(config, set_)
-    final = run_train(
-        cfg, resume=resume, fallback=fallback, overwrite=overwrite, new_schedule=new_schedule
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"final model: {final}")
+    # the run's last line ("train: done: ...") says where the final and best models are
+    run_train(cfg, resume=resume, fallback=fallback, overwrite=overwrite, new_schedule=new_schedule)
 
 
 @app.command()
