@@ -161,8 +161,14 @@ def world(tmp_path_factory) -> dict:
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", COLUMNS="100")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     shards, text, paragraphs = _shards(base)
-    return {"base": base, "gpt2": gpt2, "env": env, "shards": shards, "text": text,
-            "paragraphs": paragraphs}
+    return {
+        "base": base,
+        "gpt2": gpt2,
+        "env": env,
+        "shards": shards,
+        "text": text,
+        "paragraphs": paragraphs,
+    }
 
 
 def _shards(base: Path) -> tuple[Path, str, list[str]]:
