@@ -699,6 +699,18 @@ class GPT2(HookedModule):
     b_out = property(lambda self: self._stack(lambda b: b.mlp.c_proj.bias))
 
     @property
+    def OV(self):  # FactoredMatrix [layer, head, d_model, d_model]: W_V @ W_O per head
+        from .interp.factored_matrix import FactoredMatrix  # interp imports model
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self):  # FactoredMatrix [layer, head, d_model, d_model]: W_Q @ W_K^T per head
+        from .interp.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
     def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
         return self.wte.weight.detach().clone()
 

@@ -1,9 +1,10 @@
-"""Looking inside GPT-2: activation caches, weight processing, lenses, attribution,
-patching and task datasets. Each module takes a model and calls it; none changes how
-the model itself runs."""
+"""Looking inside GPT-2: activation caches, weight processing, factored matrices (OV / QK
+circuits), lenses, attribution, patching and task datasets. Each module takes a model and
+calls it; none changes how the model itself runs."""
 
 from .attribution import Attribution, direct_logit_attribution
 from .cache import ActivationCache, get_act_name
+from .factored_matrix import FactoredMatrix
 from .ioi import IOIDataset, ioi_dataset, ioi_score, mean_ablation_hooks
 from .lens import LensResult, lens_kl, logit_lens
 from .patching import PatchResult, activation_patch, logit_diff, normalized_logit_diff
@@ -11,7 +12,7 @@ from .path_patching import path_patch, path_patch_heads
 from .processing import process_weights
 from .tuned_lens import TunedLens, train_tuned_lens
 
-__all__ = ["ActivationCache", "get_act_name"]
+__all__ = ["ActivationCache", "FactoredMatrix", "get_act_name"]
 __all__ += ["IOIDataset", "ioi_dataset", "ioi_score", "mean_ablation_hooks"]
 __all__ += ["PatchResult", "activation_patch", "logit_diff", "normalized_logit_diff"]
 __all__ += ["path_patch", "path_patch_heads"]
