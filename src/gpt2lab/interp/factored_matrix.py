@@ -201,12 +201,15 @@ class FactoredMatrix:
     def BA(self) -> torch.Tensor:
         """The reverse product B @ A, [*leading, mdim, mdim] (square matrices only). It has
         the same nonzero eigenvalues as A @ B."""
+        self._check_square("BA")
+        return self.B @ self.A
+
+    def _check_square(self, what: str) -> None:
         if self.ldim != self.rdim:
             raise GPT2LabError(
-                f"FactoredMatrix.BA needs a square matrix (ldim == rdim), shape is "
+                f"FactoredMatrix.{what} needs a square matrix (ldim == rdim), shape is "
                 f"{tuple(self.shape)}"
             )
-        return self.B @ self.A
 
     @property
     def T(self) -> FactoredMatrix:
@@ -268,7 +271,7 @@ class FactoredMatrix:
         other ldim - mdim eigenvalues are zero. Unsorted, as torch.linalg.eig returns them.
         16-bit factors are multiplied and decomposed in float32 (TransformerLens forms B @ A
         in 16 bits first, then casts)."""
-        self.BA  # noqa: B018 -- only square matrices have eigenvalues (raises otherwise)
+        self._check_square("eigenvalues")
         return torch.linalg.eig(_for_linalg(self.B) @ _for_linalg(self.A)).eigenvalues
 
     def norm(self) -> torch.Tensor:
