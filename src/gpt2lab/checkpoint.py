@@ -718,7 +718,11 @@ def load(
     want_dtype = torch.float32 if dtype is None else parse_dtype(dtype)
     try:
         directory = resolve(name_or_path)
-        return _load(directory, want_dtype, device, process)
+        model = _load(directory, want_dtype, device, process)
+        # cfg.model_name, as TransformerLens names it: "gpt2", a path's last part, "bundled"
+        name = str(name_or_path or "bundled").rstrip("/\\")
+        model.model_name = name.replace("\\", "/").rsplit("/", 1)[-1] or name
+        return model
     except OSError as e:  # unreadable file or folder, name too long, ...
         where = e.filename or name_or_path
         raise GPT2LabError(f"cannot read {where}: {e.strerror or first_line(e)}") from None

@@ -11,9 +11,12 @@ with a clear error, never silently ignored.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import GPT2LabError
 from .validate import boolean, integer, is_int, number, show
@@ -109,6 +112,101 @@ class GPT2Config:
 
     def with_(self, **changes: Any) -> GPT2Config:
         return replace(self, **changes)
+
+    # ---- TransformerLens' HookedTransformerConfig names (read-only) -----------------
+    # Code written for TransformerLens reads these from `model.cfg`. They are properties,
+    # not fields: nothing here is saved, compared or passed to `with_`. The ones that
+    # depend on the model (device, dtype, normalization_type, model_name, the use_*
+    # flags) read the model that owns this config (`model.cfg` is bound to its model);
+    # a config not attached to a model answers with the defaults.
+    positional_embedding_type = property(lambda self: "standard")
+    attn_only = property(lambda self: False)
+    original_architecture = property(lambda self: "GPT2LMHeadModel")
+    tokenizer_name = property(lambda self: "gpt2")
+    gated_mlp = property(lambda self: False)
+    parallel_attn_mlp = property(lambda self: False)
+    final_rms = property(lambda self: False)
+    uses_rms_norm = property(lambda self: False)
+    n_key_value_heads = property(lambda self: None)
+    use_attn_in = property(lambda self: False)
+    use_hook_tokens = property(lambda self: False)
+    use_local_attn = property(lambda self: False)
+    attention_dir = property(lambda self: "causal")
+
+    @property
+    def eps(self) -> float:
+        """The LayerNorms' epsilon (HF's layer_norm_epsilon)."""
+        return self.layer_norm_eps
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def use_attn_scale(self) -> bool:
+        return self.scale_attn_weights
+
+    @property
+    def attn_scale(self) -> float:
+        """What attention scores are divided by (sqrt(d_head), or 1 without scaling)."""
+        return self.d_head**0.5 if self.scale_attn_weights else 1.0
+
+    def _model(self) -> Any:
+        ref = self.__dict__.get("_model_ref")
+        return ref() if ref is not None else None
+
+    def _bind(self, model: Any) -> None:
+        """Attach this config to `model` (done by GPT2 for its own copy)."""
+        object.__setattr__(self, "_model_ref", weakref.ref(model))
+
+    def __getstate__(self) -> dict[str, Any]:  # pickles and copies are not bound
+        return {k: v for k, v in self.__dict__.items() if k != "_model_ref"}
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters now (after any `.to()`)."""
+        model = self._model()
+        return model.device if model is not None else torch.get_default_device()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters now (after any `.to()` / `.half()`)."""
+        model = self._model()
+        return model.dtype if model is not None else torch.get_default_dtype()
+
+    @property
+    def normalization_type(self) -> str:
+        """ "LN", or "LNPre" once the LayerNorms' weights are folded into the next layers
+        (`process_weights(fold_ln=True)`, as TransformerLens' from_pretrained reports).
+        An LN-free model (`ln_free`) still centres and applies its affine map: "LN"."""
+        processing = getattr(self._model(), "processing", None) or {}
+        return "LNPre" if processing.get("fold_ln") else "LN"
+
+    @property
+    def model_name(self) -> str:
+        """The name it was loaded by (`load("gpt2")` -> "gpt2", a path -> its last part,
+        the bundled model -> "bundled"); "custom" for a model built from a config."""
+        return getattr(self._model(), "model_name", None) or "custom"
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        return bool(getattr(self._model(), "default_prepend_bos", False))
+
+    @property
+    def default_padding_side(self) -> str:
+        return getattr(self._model(), "default_padding_side", None) or "left"
+
+    @property
+    def use_attn_result(self) -> bool:
+        return bool(getattr(self._model(), "_use_attn_result", False))
+
+    @property
+    def use_split_qkv_input(self) -> bool:
+        return False  # gpt2lab has no hook_q_input / hook_k_input / hook_v_input
+
+    @property
+    def use_hook_mlp_in(self) -> bool:
+        return bool(getattr(self._model(), "_use_hook_mlp_in", False))
 
     # ---- presets -------------------------------------------------------------------
     @classmethod

@@ -74,6 +74,21 @@ class HookPoint(nn.Module):
         super().__init__()
         self.name: str = ""  # filled in by the model once the module tree is built
         self.persistent: tuple[HookFn, ...] = ()  # replaced, never edited: safe to read anywhere
+        # TransformerLens' `hook.ctx`: a dict a hook may keep state in, across hooks and
+        # forward passes, until `reset_hooks()` (or `clear_contexts()`) empties it. It
+        # belongs to the hook point, so every thread using the model shares it.
+        self.ctx: dict[Any, Any] = {}
+
+    def layer(self) -> int:
+        """The layer index in this hook point's name (`blocks.3.attn.hook_z` -> 3), as
+        TransformerLens' `HookPoint.layer()`; a point outside the blocks is an error."""
+        parts = self.name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise GPT2LabError(f"hook point {self.name!r} is not inside a block: it has no layer")
+        return int(parts[1])
+
+    def clear_context(self) -> None:
+        self.ctx = {}
 
     @property
     def fns(self) -> tuple[HookFn, ...]:
@@ -121,17 +136,28 @@ class HookPoint(nn.Module):
     def active(self) -> bool:
         return bool(self.fns)
 
-    def add(self, fn: HookFn) -> None:
-        """Attach `fn` for every caller (a persistent hook)."""
+    def add(self, fn: HookFn, prepend: bool = False) -> None:
+        """Attach `fn` for every caller (a persistent hook), last (or first with `prepend`)."""
         with _lock:
-            self.persistent = (*self.persistent, fn)
+            self.persistent = (fn, *self.persistent) if prepend else (*self.persistent, fn)
 
     def remove(self, fn: HookFn) -> None:
+        """Detach `fn` (the function given to `add` / `add_hook`)."""
         with _lock:
-            if fn in self.persistent:
-                fns = list(self.persistent)
-                fns.remove(fn)
-                self.persistent = tuple(fns)
+            fns = [f for f in self.persistent if f is not fn and getattr(f, "fn", None) is not fn]
+            self.persistent = tuple(fns)
+
+    def remove_hooks(
+        self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None
+    ) -> None:
+        """TransformerLens' `HookPoint.remove_hooks`: drop this point's persistent hooks in
+        direction `dir` ("fwd", "bwd", "both"); permanent ones only with
+        `including_permanent`; with `level`, only those added at that level."""
+        _check_direction(dir, both=True)
+        with _lock:
+            self.persistent = tuple(
+                f for f in self.persistent if not _removable(f, dir, including_permanent, level)
+            )
 
     def extra_repr(self) -> str:
         return self.name
@@ -175,33 +201,76 @@ class HookedModule(nn.Module):
             pairs += [(hp, item[1]) for hp in self._resolve(item[0])]
         return pairs
 
-    def add_hook(self, name: NameOrPredicate, fn: HookFn) -> list[tuple[HookPoint, HookFn]]:
+    def add_hook(
+        self,
+        name: NameOrPredicate,
+        fn: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> list[tuple[HookPoint, HookFn]]:
         """Attach `fn` to one hook point, or to every point whose name satisfies a
-        predicate, for every caller of this model until `reset_hooks()` (TransformerLens'
-        persistent hooks). For hooks that belong to one call, use `with model.hooks(...)`."""
+        predicate, for every caller of this model (TransformerLens' `add_hook`).
+
+        `dir="bwd"`: `fn(grad, hook)` runs on the gradient at that point when a backward
+        pass goes through it. `reset_hooks()` removes the hook unless `is_permanent`
+        (then only `reset_hooks(including_permanent=True)` does); `level` tags it for
+        `reset_hooks(level=...)`; `prepend=True` runs it before the point's other hooks.
+        For hooks that belong to one call (and one thread), use `with model.hooks(...)`."""
         if not callable(fn):
             raise GPT2LabError(
                 f"a hook must be a function (tensor, hook) -> tensor | None, got {fn!r:.80}"
             )
+        _check_direction(dir)
+        if not isinstance(is_permanent, bool):
+            raise GPT2LabError(f"is_permanent must be True or False, got {is_permanent!r:.80}")
+        if not isinstance(prepend, bool):
+            raise GPT2LabError(f"prepend must be True or False, got {prepend!r:.80}")
+        if level is not None and (not isinstance(level, int) or isinstance(level, bool)):
+            raise GPT2LabError(f"level must be None or an int, got {level!r:.80}")
         added = []
+        hook = _PersistentHook(fn, dir, is_permanent, level)
         for hp in self._resolve(name):
-            hp.add(fn)
+            hp.add(hook, prepend=prepend)
             added.append((hp, fn))
         return added
 
-    def reset_hooks(self) -> None:
-        """Remove the persistent hooks, and the hooks this caller's enclosing `hooks()`
-        blocks attached to this model (until those blocks end; other threads keep theirs)."""
-        with _lock:
-            for hp in self.hook_dict.values():
-                hp.persistent = ()
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: str = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Remove hooks, as TransformerLens' `reset_hooks`: the persistent hooks
+        (`add_hook`) in `direction` ("fwd", "bwd" or "both"), except permanent ones unless
+        `including_permanent`, only those tagged `level` if given; and, with `level` None,
+        the hooks this caller's enclosing `hooks()` blocks attached (until those blocks
+        end; other threads keep theirs). `clear_contexts` empties every `hook.ctx`."""
+        _check_direction(direction, both=True)
+        if clear_contexts:
+            self.clear_contexts()
+        for hp in self.hook_dict.values():
+            hp.remove_hooks(direction, including_permanent, level)
         scopes = _scopes.get()
-        if scopes:
+        if scopes and level is None:
             mine = set(self.hook_dict.values())
+
+            def kept(hp: HookPoint, fns: tuple[HookFn, ...]) -> tuple[HookFn, ...]:
+                if hp not in mine:
+                    return fns
+                return tuple(f for f in fns if not _removable(f, direction, True, None))
+
             _scopes.set(tuple(
-                _Scope({hp: f for hp, f in s.hooks.items() if hp not in mine}, s.root)
+                _Scope({hp: k for hp, f in s.hooks.items() if (k := kept(hp, f))}, s.root)
                 for s in scopes if s.root.open
             ))  # fmt: skip
+
+    def clear_contexts(self) -> None:
+        """Empty every hook point's `ctx` dict."""
+        for hp in self.hook_dict.values():
+            hp.clear_context()
 
     @contextmanager
     def hooks(
@@ -240,15 +309,31 @@ class HookedModule(nn.Module):
         *args: Any,
         fwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
         bwd_hooks: Iterable[tuple[NameOrPredicate, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """One forward pass with hooks attached (TransformerLens' `run_with_hooks`).
+        """One forward pass with hooks attached (TransformerLens' `run_with_hooks`); model
+        keywords (`return_type`, `loss_per_token`, ...) pass through.
 
         Backward hooks stay attached only during the forward pass; gradients still reach
         them when the caller runs `.backward()` later, because they ride on the tensors.
+        `clear_contexts=True` empties every `hook.ctx` afterwards. The hooks always end
+        with the call (`reset_hooks_end=False` is refused: `add_hook` keeps a hook).
         """
-        with self.hooks(fwd_hooks, bwd_hooks):
-            return self(*args, **kwargs)
+        if reset_hooks_end is not True:
+            raise GPT2LabError(
+                "run_with_hooks(reset_hooks_end=False) is not supported: hooks belong to the "
+                "call; attach lasting ones with model.add_hook(name, fn)"
+            )
+        if not isinstance(clear_contexts, bool):
+            raise GPT2LabError(f"clear_contexts must be True or False, got {clear_contexts!r:.80}")
+        try:
+            with self.hooks(fwd_hooks, bwd_hooks):
+                return self(*args, **kwargs)
+        finally:
+            if clear_contexts:
+                self.clear_contexts()
 
     def run_with_cache(
         self,
@@ -260,8 +345,9 @@ class HookedModule(nn.Module):
         remove_batch_dim: bool = False,
         incl_bwd: bool = False,
         metric: Callable[[Any], torch.Tensor] | None = None,
+        return_cache_object: bool = True,
         **kwargs: Any,
-    ) -> tuple[Any, ActivationCache]:
+    ) -> tuple[Any, ActivationCache | dict[str, torch.Tensor]]:
         """Forward pass that records activations: returns (output, ActivationCache).
 
         `names_filter` is a hook name, a list of names or a predicate; by default every
@@ -271,11 +357,20 @@ class HookedModule(nn.Module):
         of indices, TransformerLens' `Slice` rules). `stop_at_layer=n` (a model keyword)
         stops before block n and returns the residual stream. With `incl_bwd` the output
         (or `metric(output)`) must be a scalar; `.backward()` runs and the gradients are
-        recorded as `name + "_grad"`.
+        recorded as `name + "_grad"`. Model keywords (`return_type`, `loss_per_token`)
+        pass through; `return_cache_object=False` returns a plain dict instead of the
+        ActivationCache. After `model.set_use_attn_result(True)` the default also records
+        `hook_result`.
         """
         from .interp.cache import ActivationCache, PosSlice
 
-        keep = _names_predicate(names_filter, self.hook_dict)
+        if not isinstance(return_cache_object, bool):
+            raise GPT2LabError(
+                f"return_cache_object must be True or False, got {return_cache_object!r:.80}"
+            )
+        keep = _names_predicate(
+            names_filter, self.hook_dict, getattr(self, "_use_attn_result", False)
+        )
         pos = PosSlice(pos_slice)
         store: dict[str, torch.Tensor] = {}
 
@@ -311,6 +406,8 @@ class HookedModule(nn.Module):
                         "incl_bwd needs a scalar to differentiate: pass metric=fn(logits) -> scalar"
                     )
                 target.backward()
+        if not return_cache_object:
+            return out, store
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
 
@@ -318,11 +415,14 @@ NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
 def _names_predicate(
-    names_filter: NamesFilter, hook_dict: Mapping[str, HookPoint]
+    names_filter: NamesFilter, hook_dict: Mapping[str, HookPoint], attn_result: bool = False
 ) -> Callable[[str], bool]:
     """`names_filter` as a predicate; a name that is no hook point (a typo) is an error,
-    not an empty cache, and so is a predicate that matches nothing."""
+    not an empty cache, and so is a predicate that matches nothing. None: every point
+    (but hook_result unless `attn_result`)."""
     if names_filter is None:
+        if attn_result:
+            return lambda name: True
         return lambda name: not name.endswith("hook_result")
     if isinstance(names_filter, str):
         names_filter = [names_filter]
@@ -355,4 +455,37 @@ def _backward_hook(fn: HookFn) -> HookFn:
         if x.requires_grad:
             x.register_hook(lambda grad: fn(grad, hook))
 
+    register.dir = "bwd"  # type: ignore[attr-defined]
+    register.__name__ = getattr(fn, "__name__", type(fn).__name__)
     return register
+
+
+class _PersistentHook:
+    """A hook attached by `add_hook`, with TransformerLens' handle attributes."""
+
+    __slots__ = ("fn", "dir", "is_permanent", "level", "_run", "__name__")
+
+    def __init__(self, fn: HookFn, dir: str, is_permanent: bool, level: int | None):
+        self.fn, self.dir, self.is_permanent, self.level = fn, dir, is_permanent, level
+        self._run = _backward_hook(fn) if dir == "bwd" else fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+        return self._run(x, hook)
+
+
+def _check_direction(dir: Any, both: bool = False) -> None:
+    allowed = ("fwd", "bwd", "both") if both else ("fwd", "bwd")
+    if not isinstance(dir, str) or dir not in allowed:
+        raise GPT2LabError(f"direction must be {', '.join(map(repr, allowed))}; got {dir!r:.80}")
+
+
+def _removable(fn: HookFn, direction: str, including_permanent: bool, level: int | None) -> bool:
+    """Whether `reset_hooks` / `remove_hooks` with these arguments removes `fn`."""
+    if direction != "both" and getattr(fn, "dir", "fwd") != direction:
+        return False
+    if including_permanent:
+        return True
+    if getattr(fn, "is_permanent", False):
+        return False
+    return level is None or getattr(fn, "level", None) == level

@@ -11,7 +11,9 @@ and pattern when a hook asks for them, otherwise it runs through
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from functools import cached_property, lru_cache, partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -53,6 +55,13 @@ class AttnMask(NamedTuple):
 
     mask: torch.Tensor | None
     causal: bool
+
+
+class Output(NamedTuple):
+    """`model(tokens, return_type="both")`: logits and loss (TransformerLens' Output)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor
 
 
 class KVCache:
@@ -135,6 +144,10 @@ class LayerNorm(nn.Module):
             scale = torch.full_like(x[..., :1], self.fixed_scale)
         scale = self.hook_scale(scale)
         return torch.addcmul(self.bias, self.hook_normalized(x / scale), self.weight)
+
+    # TransformerLens' names: the parameters themselves ([d_model]).
+    w = property(lambda self: self.weight)
+    b = property(lambda self: self.bias)
 
 
 # Our activations that `quantize.linear` can fuse into the matmul, by HF name.
@@ -268,6 +281,31 @@ class Attention(nn.Module):
             return result.sum(2) + self.c_proj.bias
         return self.c_proj(z.reshape(B, T, D))
 
+    # ---- TransformerLens-shaped views of this layer's fused weights ---------------------
+    # Views of the same storage, with autograd: an in-place write (under torch.no_grad(),
+    # as for any parameter) lands in the model; assigning to the attribute raises.
+    def _qkv(self, which: int, bias: bool) -> torch.Tensor:
+        H, dh = self.n_heads, self.d_head
+        D = H * dh
+        if bias:
+            return _float(self.c_attn, "bias")[which * D : (which + 1) * D].view(H, dh)
+        return (
+            _float(self.c_attn, "weight")[which * D : (which + 1) * D]
+            .view(H, dh, D)
+            .transpose(1, 2)
+        )
+
+    W_Q = property(lambda self: self._qkv(0, False))  # [head, d_model, d_head]
+    W_K = property(lambda self: self._qkv(1, False))
+    W_V = property(lambda self: self._qkv(2, False))
+    b_Q = property(lambda self: self._qkv(0, True))  # [head, d_head]
+    b_K = property(lambda self: self._qkv(1, True))
+    b_V = property(lambda self: self._qkv(2, True))
+    W_O = property(  # [head, d_head, d_model]
+        lambda self: _float(self.c_proj, "weight").T.unflatten(0, (self.n_heads, self.d_head))
+    )
+    b_O = property(lambda self: _float(self.c_proj, "bias"))  # [d_model]
+
     @staticmethod
     def _bmm_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
         """bf16 prefill on CPU, inference only, scores that fit BMM_ATTENTION_MAX: where
@@ -301,6 +339,23 @@ class MLP(nn.Module):
             return self.c_proj(self.c_fc(x, act=self.fused_act))
         return self.c_proj(self.hook_post(self.act(self.hook_pre(self.c_fc(x)))))
 
+    # TransformerLens-shaped views (same storage, as Attention's W_Q ...).
+    W_in = property(lambda self: _float(self.c_fc, "weight").T)  # [d_model, d_mlp]
+    b_in = property(lambda self: _float(self.c_fc, "bias"))  # [d_mlp]
+    W_out = property(lambda self: _float(self.c_proj, "weight").T)  # [d_mlp, d_model]
+    b_out = property(lambda self: _float(self.c_proj, "bias"))  # [d_model]
+
+
+def _float(layer: nn.Module, name: str) -> torch.Tensor:
+    """A linear layer's float weight or bias, for the TransformerLens-shaped views."""
+    t = getattr(layer, name, None)
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise GPT2LabError(
+            f"this model's {type(layer).__name__} layers hold no float {name} (quantized?): "
+            "TransformerLens-shaped weight views need an unquantized model"
+        )
+    return t
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
@@ -317,12 +372,14 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        self.hook_mlp_in: HookPoint | None = None  # a HookPoint after set_use_hook_mlp_in(True)
 
     def forward(self, resid: torch.Tensor, mask: AttnMask, cache: KVCache | None) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, cache))
         resid = self.hook_resid_mid(resid + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        mlp_in = resid if self.hook_mlp_in is None else self.hook_mlp_in(resid.clone())
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid + mlp_out)
 
 
@@ -344,6 +401,33 @@ class Unembed(nn.Module):
     def forward(self, x: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
         weight = tied if self.weight is None else self.weight
         return self.hook_out(linear(self.hook_in(x), weight, self.bias))
+
+    # ---- TransformerLens' W_U / b_U ---------------------------------------------------
+    # While tied, W_U is a view of the model's wte.weight (the owning GPT2 binds
+    # `_model_ref`, a weakref, dropped from pickles and re-bound by GPT2.__setstate__).
+    @property
+    def W_U(self) -> torch.Tensor:
+        """[d_model, d_vocab], a view (in-place writes land; while tied, in W_E too)."""
+        if self.weight is not None:
+            return self.weight.T
+        model = self.__dict__.get("_model_ref", lambda: None)()
+        if model is None:
+            raise GPT2LabError("this Unembed belongs to no model: its tied weight is unknown")
+        return model.wte.weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """[d_vocab]: the bias after processing; GPT-2 has none before, and then this is
+        a fresh zero tensor (writes to it do not land)."""
+        if self.bias is not None:
+            return self.bias
+        W_U = self.W_U
+        return torch.zeros(W_U.shape[1], dtype=W_U.dtype, device=W_U.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_model_ref", None)
+        return state
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +473,7 @@ class GPT2(HookedModule):
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps, 1.0 if cfg.ln_free else None)
         self.unembed = Unembed()
         self.setup_hooks()
+        self._bind_tl_views()
 
     # ---- forward ---------------------------------------------------------------------
     def forward(
@@ -400,7 +485,9 @@ class GPT2(HookedModule):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         stop_at_layer: int | None = None,
-    ) -> torch.Tensor:
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+    ) -> Any:
         """Logits for `tokens` [batch, pos] (or text, tokenized without a BOS token).
 
         With `cache`, `tokens` are the new tokens only and `attention_mask` may cover
@@ -408,12 +495,18 @@ class GPT2(HookedModule):
         for the last n positions only (what generation needs). `stop_at_layer=n` runs
         blocks 0..n-1 only and returns the residual stream [batch, pos, d_model] there
         (negative n counts from the end, as in Python slicing).
+
+        `return_type` (TransformerLens'): "logits" (default), "loss" (next-token
+        cross-entropy, mean over the predicted positions; `loss_per_token=True`:
+        [batch, pos - 1]), "both" (`Output(logits, loss)`) or None (runs up to ln_final,
+        returns None). See `loss_fn` for padding.
         """
         if isinstance(tokens, (str, list)):
             tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         self._check_options(cache, logits_to_keep, stop_at_layer)
+        self._check_return_type(return_type, loss_per_token, logits_to_keep)
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.n_ctx:
             raise GPT2LabError(
@@ -445,7 +538,15 @@ class GPT2(HookedModule):
             cache.length += T
         if logits_to_keep:
             resid = resid[:, -logits_to_keep:]
-        return self.unembed(self.ln_final(resid), self.wte.weight)
+        resid = self.ln_final(resid)
+        if return_type is None:
+            return None
+        logits = self.unembed(resid, self.wte.weight)
+        if return_type == "logits":
+            return logits
+        mask = None if key_mask is None else key_mask[:, past:]
+        loss = self.loss_fn(logits, tokens, mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
 
     def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -728,3 +829,172 @@ class GPT2(HookedModule):
         if self.unembed.bias is not None:
             return self.unembed.bias.detach().clone()
         return torch.zeros(self.cfg.d_vocab, dtype=self.dtype, device=self.device)
+
+    # ---- TransformerLens' model surface -------------------------------------------------
+    # `model.cfg` is the model's own copy of its config, bound to the model so that the
+    # TransformerLens names it answers (cfg.device, cfg.dtype, cfg.normalization_type,
+    # ...) describe this model as it is now. Unembed's tied W_U is bound the same way.
+    @property
+    def cfg(self) -> GPT2Config:
+        return self.__dict__["_cfg"]
+
+    @cfg.setter
+    def cfg(self, cfg: GPT2Config) -> None:
+        cfg = copy.copy(cfg)  # (a config shared by two models answers for one only)
+        cfg._bind(self)
+        self.__dict__["_cfg"] = cfg
+
+    def _bind_tl_views(self) -> None:
+        self.unembed.__dict__["_model_ref"] = weakref.ref(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # unpickled / deep-copied
+        super().__setstate__(state)
+        if "_cfg" in self.__dict__:
+            self.cfg = self.__dict__["_cfg"]
+        if "unembed" in self._modules:
+            self._bind_tl_views()
+
+    @property
+    def embed(self) -> _Weights:
+        """TransformerLens' `model.embed`: `.W_E` [d_vocab, d_model], the embedding itself."""
+        return _Weights("embed", W_E=self.wte.weight)
+
+    @property
+    def pos_embed(self) -> _Weights:
+        """TransformerLens' `model.pos_embed`: `.W_pos` [n_ctx, d_model], the parameter itself."""
+        return _Weights("pos_embed", W_pos=self.wpe.weight)
+
+    def loss_fn(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy, as TransformerLens' `loss_fn`: position i's logits
+        predict token i + 1; the mean over those [batch, pos - 1] predictions, or each of
+        them with `per_token`. `attention_mask` [batch, pos] (1 = token) leaves out every
+        prediction of or from a padding position (per-token: 0 there)."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise GPT2LabError(f"logits must be a tensor [batch, pos, d_vocab], got {show(logits)}")
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in TOKEN_DTYPES:
+            raise GPT2LabError(f"tokens must be an integer tensor [batch, pos], got {show(tokens)}")
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tuple(tokens.shape) != tuple(logits.shape[:2]) or logits.shape[1] < 2:
+            raise GPT2LabError(
+                f"loss_fn needs tokens [batch, pos] with pos >= 2 matching logits "
+                f"{tuple(logits.shape)}, got tokens {tuple(tokens.shape)}"
+            )
+        if not isinstance(per_token, bool):
+            raise GPT2LabError(f"per_token must be True or False, got {show(per_token)}")
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != tokens.shape
+        ):
+            raise GPT2LabError(
+                f"attention_mask must be a tensor shaped like tokens {tuple(tokens.shape)}, "
+                f"got {show(attention_mask)}"
+            )
+        lo, hi = torch.stack(torch.aminmax(tokens[:, 1:])).tolist()
+        if lo < 0 or hi >= logits.shape[-1]:
+            raise GPT2LabError(
+                f"token id {hi if hi >= logits.shape[-1] else lo} is outside the logits' "
+                f"vocabulary [0, {logits.shape[-1]})"
+            )
+        tokens = tokens.to(device=logits.device, dtype=torch.long)
+        log_probs = logits.log_softmax(-1)
+        predicted = log_probs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+        if attention_mask is None:
+            n_tokens = predicted.numel()
+        else:
+            mask = attention_mask.to(device=logits.device, dtype=torch.bool)
+            next_token_mask = mask[:, :-1] & mask[:, 1:]
+            predicted = predicted.masked_fill(~next_token_mask, 0.0)
+            n_tokens = next_token_mask.sum().item()
+        if per_token:
+            return -predicted
+        return -predicted.sum() / n_tokens
+
+    @staticmethod
+    def _check_return_type(return_type: Any, loss_per_token: Any, logits_to_keep: int) -> None:
+        if return_type not in ("logits", "loss", "both", None) or isinstance(return_type, bool):
+            raise GPT2LabError(
+                f"return_type must be 'logits', 'loss', 'both' or None, got {show(return_type)}"
+            )
+        if not isinstance(loss_per_token, bool):
+            raise GPT2LabError(f"loss_per_token must be True or False, got {show(loss_per_token)}")
+        if return_type in ("loss", "both") and logits_to_keep:
+            raise GPT2LabError(
+                f"return_type={return_type!r} needs the logits of every position; "
+                "it cannot be combined with logits_to_keep"
+            )
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TransformerLens' switch for `attn.hook_result` ([batch, pos, head, d_model]).
+        In gpt2lab the point always exists and is computed whenever a hook or the cache
+        asks for it; True makes `run_with_cache`'s default record it too."""
+        from .validate import boolean
+
+        self._use_attn_result = boolean("use_attn_result", use_attn_result)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Add (True) or remove (False) `blocks.{l}.hook_mlp_in`, the MLP's input before
+        ln2 ([batch, pos, d_model], a copy of resid_mid), as TransformerLens'. While off
+        the hook point does not exist (hooking it is an error, not a silent no-op)."""
+        from .validate import boolean
+
+        on = boolean("use_hook_mlp_in", use_hook_mlp_in)
+        for block in self.blocks:
+            if on and block.hook_mlp_in is None:
+                block.hook_mlp_in = HookPoint()
+            elif not on:
+                block.hook_mlp_in = None
+        self._use_hook_mlp_in = on
+        self.setup_hooks()
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TransformerLens' per-head q/k/v inputs (`hook_q_input` ...): not in gpt2lab.
+        False is accepted (it is the state already); True is an error."""
+        from .validate import boolean
+
+        if boolean("use_split_qkv_input", use_split_qkv_input):
+            raise GPT2LabError(
+                "set_use_split_qkv_input(True): gpt2lab has no hook_q_input / hook_k_input / "
+                "hook_v_input (per-head copies of the residual stream); hook "
+                "blocks.{l}.ln1.hook_normalized or attn.hook_q / hook_k / hook_v instead"
+            )
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TransformerLens' `hook_attn_in`: not in gpt2lab; True is an error."""
+        from .validate import boolean
+
+        if boolean("use_attn_in", use_attn_in):
+            raise GPT2LabError(
+                "set_use_attn_in(True): gpt2lab has no hook_attn_in (per-head copies of the "
+                "residual stream); hook blocks.{l}.hook_resid_pre or ln1.hook_normalized instead"
+            )
+
+
+class _Weights:
+    """A read-only holder of TransformerLens-named weights (`model.embed.W_E`): the
+    attributes are the model's parameters themselves (in-place writes land, under
+    torch.no_grad()); assigning an attribute raises."""
+
+    def __init__(self, what: str, **weights: torch.Tensor):
+        object.__setattr__(self, "_what", what)
+        object.__setattr__(self, "_weights", weights)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        weights = object.__getattribute__(self, "_weights")
+        if name in weights:
+            return weights[name]
+        raise AttributeError(f"model.{self._what} has no {name!r} (it has {', '.join(weights)})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise GPT2LabError(
+            f"model.{self._what}.{name} is read-only; write into it in place "
+            f"(with torch.no_grad(): model.{self._what}.{name}[...] = ...)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<model.{self._what}: {', '.join(self._weights)}>"

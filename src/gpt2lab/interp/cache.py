@@ -313,6 +313,88 @@ class ActivationCache(Mapping):
             parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels
         )
 
+    def stack_activation(
+        self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
+    ) -> torch.Tensor:
+        """One activation of every layer before `layer` (-1 / None: all layers), stacked
+        on a new first axis: `stack_activation("pattern")` is [layer, batch, head, q, k].
+        `activation_name` is a shorthand as in `cache["pattern", 3]` (`sublayer_type` as
+        its third element, e.g. "ln1" for "scale"), as TransformerLens'."""
+        if not isinstance(activation_name, str):
+            raise GPT2LabError(f"activation_name must be a string, got {activation_name!r:.80}")
+        layer = self._layer(layer)
+        if layer == 0:
+            raise GPT2LabError("stack_activation(layer=0) stacks no layers: give a layer >= 1")
+        return torch.stack([self._act(activation_name, i, sublayer_type) for i in range(layer)])
+
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        return_labels: bool = False,
+        project_output_onto: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """The input to `layer` (its MLP with `mlp_input`; None / -1: the unembedding)
+        split into every head's result ("L0H1"), every neuron's ("L0N5"; with
+        `expand_neurons=False` each MLP's output, "0_mlp_out"), "embed", "pos_embed"
+        and "bias" (the b_O's and, with expanded neurons, b_out's summed): the parts
+        sum to that residual stream. As TransformerLens': same order, labels and
+        numbers; `apply_ln` divides by the cached LayerNorm scale (`apply_ln_to_stack`);
+        `project_output_onto` ([d_model] or [d_model, n]) projects each part's output."""
+        layer = self._layer(layer, mlp_input)
+        stack, labels = self.stack_head_results(
+            layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True
+        )
+        parts = [stack]
+        if layer > 0:
+            if expand_neurons:
+                more, more_labels = self.stack_neuron_results(
+                    layer, pos_slice=pos_slice, return_labels=True
+                )
+            else:
+                more, more_labels = self.decompose_resid(
+                    layer, mlp_input=mlp_input, mode="mlp", pos_slice=pos_slice,
+                    incl_embeds=False, return_labels=True,
+                )  # fmt: skip
+            parts.append(more)
+            labels += more_labels
+        for name in ("embed", "pos_embed"):
+            parts.append(_slice(self._act(f"hook_{name}"), pos_slice, -2)[None])
+            labels.append(name)
+        bias = self._accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
+        parts.append(bias.to(stack).expand((1, *stack.shape[1:])))
+        labels.append("bias")
+        stack = torch.cat(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+        if project_output_onto is not None:
+            if not isinstance(project_output_onto, torch.Tensor) or (
+                project_output_onto.dim() not in (1, 2)
+                or project_output_onto.shape[0] != self.model.cfg.d_model
+            ):
+                raise GPT2LabError(
+                    "project_output_onto must be a tensor [d_model] or [d_model, n], got "
+                    f"{project_output_onto!r:.80}"
+                )
+            stack = stack @ project_output_onto.to(stack)
+        return (stack, labels) if return_labels else stack
+
+    def _accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> torch.Tensor:
+        """TransformerLens' `accumulated_bias`: the b_O (and b_out) of every layer before
+        `layer`, plus that layer's b_O with `mlp_input`, [d_model]."""
+        blocks = self.model.blocks
+        total = torch.zeros_like(blocks[0].attn.c_proj.bias.detach(), dtype=torch.float32)
+        for i in range(layer + (1 if mlp_input else 0)):
+            total += blocks[i].attn.c_proj.bias.detach().float()
+            if include_mlp_biases and i < layer:
+                total += blocks[i].mlp.c_proj.bias.detach().float()
+        return total
+
     def apply_ln_to_stack(
         self,
         residual_stack: torch.Tensor,
@@ -405,8 +487,8 @@ class ActivationCache(Mapping):
             )
         return layer
 
-    def _act(self, name: str, layer: int | None = None) -> torch.Tensor:
-        key = name if layer is None else (name, layer)
+    def _act(self, name: str, layer: int | None = None, kind: str | None = None) -> torch.Tensor:
+        key = name if layer is None else (name, layer) if kind is None else (name, layer, kind)
         try:
             return self[key]
         except KeyError:
