@@ -410,7 +410,8 @@ def test_position_ids_and_logits_to_keep_are_checked(pair):
             ours(x, position_ids=bad)
     with pytest.raises(gl.GPT2LabError, match="position_ids"):
         ours(x, position_ids=positions.float())
-    assert torch.equal(ours(x, logits_to_keep=2), plain[:, -2:])
+    # the same logits to rounding: a matmul over 4 rows may take another kernel than over 10
+    torch.testing.assert_close(ours(x, logits_to_keep=2), plain[:, -2:], rtol=0, atol=1e-5)
     assert torch.equal(ours(x, logits_to_keep=99), plain)
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(gl.GPT2LabError, match="logits_to_keep"):
