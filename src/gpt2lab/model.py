@@ -24,6 +24,8 @@ from torch import nn
 from .config import GPT2Config
 from .errors import GPT2LabError
 from .hooks import HookedModule, HookPoint
+from .inputs import TOKEN_DTYPES, check_padding_side, check_prepend_bos, from_texts
+from .inputs import left_pad as left_pad  # (re-exported: older imports take it from here)
 from .quantize import linear
 from .validate import check_memory, integer, show
 
@@ -43,10 +45,6 @@ def activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
     raise GPT2LabError(f"activation {name!r} is not supported")
-
-
-# Integer dtypes accepted for token ids and position ids.
-TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class AttnMask(NamedTuple):
@@ -430,27 +428,52 @@ class Unembed(nn.Module):
         return state
 
 
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ids as one [batch, pos] tensor padded on the left, and its 0/1 mask.
-
-    Left, so that every row's last token sits in the last column: that is where the
-    next-token logits are read and where generation appends."""
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return tokens, mask
-
-
 class GPT2(HookedModule):
     """GPT-2 with TransformerLens hook points and a KV cache.
 
-    `model(tokens)` returns logits [batch, pos, vocab]. For a left-padded batch pass
+    `model(tokens)` returns logits [batch, pos, vocab]. For a padded batch pass
     `attention_mask` (1 = token, 0 = padding); position ids then count real tokens
-    only, exactly as HF's `generate` does.
+    only, exactly as HF's `generate` does, and padding is invisible to real tokens.
+
+    Text goes in through `to_tokens` with TransformerLens' conventions: `prepend_bos`
+    and `padding_side` arguments, whose defaults are the model's `default_prepend_bos`
+    (False: text is taken as it is) and `default_padding_side` ("left": every row's
+    last token in the last column), settable with `gl.load(..., default_prepend_bos=,
+    default_padding_side=)` or by assignment.
     """
+
+    _default_prepend_bos: bool = False
+    _default_padding_side: str = "left"
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        """Whether text gets `<|endoftext|>` prepended when a call does not say."""
+        return self._default_prepend_bos
+
+    @default_prepend_bos.setter
+    def default_prepend_bos(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise GPT2LabError(f"default_prepend_bos must be True or False, got {show(value)}")
+        self._default_prepend_bos = value
+
+    @property
+    def default_padding_side(self) -> str:
+        """Which side a batch of texts is padded on when a call does not say."""
+        return self._default_padding_side
+
+    @default_padding_side.setter
+    def default_padding_side(self, value: str) -> None:
+        if not isinstance(value, str) or value not in ("left", "right"):
+            raise GPT2LabError(f"default_padding_side must be 'left' or 'right', got {show(value)}")
+        self._default_padding_side = value
+
+    def _bos(self, prepend_bos: bool | None) -> bool:
+        return self._default_prepend_bos if prepend_bos is None else check_prepend_bos(prepend_bos)
+
+    def _side(self, padding_side: str | None) -> str:
+        return (
+            self._default_padding_side if padding_side is None else check_padding_side(padding_side)
+        )
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -485,10 +508,15 @@ class GPT2(HookedModule):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         stop_at_layer: int | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
         return_type: str | None = "logits",
         loss_per_token: bool = False,
     ) -> Any:
-        """Logits for `tokens` [batch, pos] (or text, tokenized without a BOS token).
+        """Logits for `tokens` [batch, pos], or for text (a str or a list of str), tokenized
+        by `to_tokens` with `prepend_bos` / `padding_side` (default: the model's defaults,
+        no BOS and left padding) and masked so that padding changes no real position.
+        Token tensors are taken as given (pass `attention_mask` for padding).
 
         With `cache`, `tokens` are the new tokens only and `attention_mask` may cover
         either the new tokens or all tokens so far. `logits_to_keep=n` computes logits
@@ -501,8 +529,12 @@ class GPT2(HookedModule):
         [batch, pos - 1]), "both" (`Output(logits, loss)`) or None (runs up to ln_final,
         returns None). See `loss_fn` for padding.
         """
-        if isinstance(tokens, (str, list)):
-            tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
+        if isinstance(tokens, (str, list, tuple)):
+            tokens, attention_mask = self.to_tokens(
+                tokens, prepend_bos, padding_side, return_mask=True
+            )
+        elif prepend_bos is not None or padding_side is not None:  # checked, then unused
+            self._bos(prepend_bos), self._side(padding_side)
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         self._check_options(cache, logits_to_keep, stop_at_layer)
@@ -658,23 +690,169 @@ class GPT2(HookedModule):
 
         return Tokenizer()
 
-    def to_tokens(self, text: str | list[str], *, return_mask: bool = False):
-        """Tokenize text (left-padded for a list), as a [batch, pos] tensor on the model's device."""
-        if isinstance(text, str):
-            texts = [text]
-        elif isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
-            texts = list(text)
-        else:
-            raise GPT2LabError(
-                "text must be a string or a non-empty list of strings (token ids go in as a "
-                f"tensor), got {show(text)}"
-            )
-        ids = [self.tokenizer.encode(t) or [self.tokenizer.eot_token] for t in texts]
-        tokens, mask = left_pad(ids, self.tokenizer.eot_token)
-        tokens, mask = tokens.to(self.device), mask.to(self.device)
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+        truncate: bool = False,
+        *,
+        return_mask: bool = False,
+    ):
+        """Tokenize text as a [batch, pos] tensor (TransformerLens' `to_tokens`).
+
+        `prepend_bos`: put `<|endoftext|>` before each text (default: the model's
+        `default_prepend_bos`, False). `padding_side`: pad a list of texts of different
+        lengths on the "left" or "right" with `<|endoftext|>` (default: the model's
+        `default_padding_side`, "left"). `truncate=True` keeps the first n_ctx tokens of
+        each text (TransformerLens truncates by default; gpt2lab refuses a too-long
+        prompt in the forward pass instead). With `return_mask=True` returns (tokens,
+        mask), the mask [batch, pos] 1 for real tokens and 0 for padding, or None when
+        no row is padded: pass it as `attention_mask`.
+        """
+        from .validate import boolean
+
+        batch = from_texts(
+            self.tokenizer,
+            input,
+            prepend_bos=self._bos(prepend_bos),
+            padding_side=self._side(padding_side),
+            device=self.device if boolean("move_to_device", move_to_device) else None,
+            truncate=self.cfg.n_ctx if boolean("truncate", truncate) else None,
+        )
         if return_mask:
-            return tokens, (None if bool(mask.all()) else mask)
-        return tokens
+            return batch.tokens, batch.mask
+        return batch.tokens
+
+    # ---- TransformerLens' tokenizer helpers -------------------------------------------
+    def to_str_tokens(
+        self,
+        input: Any,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Each token as its text: of a str (tokenized as `to_tokens` does, BOS as
+        asked), of token ids ([pos] or [1, pos] tensor or array, a list of ids), or of a
+        list of those (one list per item, as in TransformerLens)."""
+        from .validate import is_int
+
+        tok = self.tokenizer
+        if isinstance(input, (list, tuple)) and input and all(is_int(t) for t in input):
+            ids = list(input)  # one sequence of ids (TransformerLens has no such form)
+        elif isinstance(input, (list, tuple)):
+            if not input:
+                raise GPT2LabError("to_str_tokens got an empty list")
+            return [self.to_str_tokens(x, prepend_bos, padding_side) for x in input]
+        elif isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)[0]
+            ids = ids.tolist()
+        else:
+            ids = self._one_row(input, "to_str_tokens")
+        return [tok.id_to_str(i) for i in ids]
+
+    def _one_row(self, tokens: Any, what: str) -> list[int]:
+        """Token ids given as a tensor or array of one row ([pos], [1, pos], a scalar)."""
+        if type(tokens).__name__ == "ndarray":
+            tokens = torch.as_tensor(tokens)
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in TOKEN_DTYPES:
+            raise GPT2LabError(f"{what} takes text or integer token ids, got {show(tokens)}")
+        tokens = tokens.squeeze()
+        if tokens.dim() > 1:
+            raise GPT2LabError(
+                f"{what} takes one sequence of tokens ([pos] or [1, pos]), got shape "
+                f"{tuple(tokens.shape)}"
+            )
+        ids = tokens.reshape(-1).tolist()
+        self._check_ids(ids)
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.cfg.d_vocab]
+        if bad:
+            raise GPT2LabError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.d_vocab})"
+            )
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a text that is exactly one token (no BOS): " Mary" -> its id; a text
+        of several tokens is an error (suggesting the leading space where that helps)."""
+        from .inputs import single_token_id
+
+        if not isinstance(string, str):
+            raise GPT2LabError(f"to_single_token takes a string, got {show(string)}")
+        return single_token_id(self.tokenizer, string, self.cfg.d_vocab)
+
+    def to_string(self, tokens: Any) -> str | list[str]:
+        """Token ids back to text: one string for a scalar, a [pos] tensor / array or a
+        list of ids; a list of strings for a [batch, pos] tensor or a list of rows."""
+        if type(tokens).__name__ == "ndarray" or isinstance(tokens, (list, tuple)):
+            try:
+                tokens = torch.as_tensor(tokens)
+            except (TypeError, ValueError, RuntimeError):
+                raise GPT2LabError(
+                    f"to_string takes token ids (a tensor, array or list), got {show(tokens)}"
+                ) from None
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in TOKEN_DTYPES:
+            raise GPT2LabError(f"to_string takes integer token ids, got {show(tokens)}")
+        if tokens.dim() > 2:
+            raise GPT2LabError(
+                f"to_string takes [pos] or [batch, pos] token ids, got shape {tuple(tokens.shape)}"
+            )
+        rows = tokens.reshape(1, -1) if tokens.dim() < 2 else tokens
+        rows = rows.tolist()
+        for row in rows:
+            self._check_ids(row)
+        texts = [self.tokenizer.decode(row) for row in rows]
+        return texts if tokens.dim() == 2 else texts[0]
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: Any,
+        mode: str = "first",
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+    ) -> int:
+        """Where `single_token` (a one-token text or an id) occurs in `input` (a str,
+        tokenized as `to_tokens` does with `prepend_bos`, or ids [pos] / [1, pos]): its
+        first or last occurrence (`mode`). A token that does not occur is an error."""
+        from .inputs import single_token_id
+
+        if not isinstance(mode, str) or mode not in ("first", "last"):
+            raise GPT2LabError(f"mode must be 'first' or 'last', got {show(mode)}")
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)[0]
+            ids = ids.tolist()
+        elif isinstance(input, (list, tuple)):
+            ids = self._one_row(torch.as_tensor(input), "get_token_position")
+        else:
+            ids = self._one_row(input, "get_token_position")
+        token = single_token_id(self.tokenizer, single_token, self.cfg.d_vocab)
+        where = [i for i, t in enumerate(ids) if t == token]
+        if not where:
+            raise GPT2LabError(
+                f"token {self.tokenizer.id_to_str(token)!r} (id {token}) does not occur in "
+                f"the prompt ({len(ids)} tokens)"
+            )
+        return where[0] if mode == "first" else where[-1]
+
+    def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor:
+        """Each token's unembedding direction (its column of W_U): [d_model] for one token
+        (a one-token text, an id, a one-element tensor), [..., d_model] for a tensor of
+        ids. On an unprocessed model the final LayerNorm's weight is not folded in."""
+        from .inputs import single_token_id
+
+        weight = self.wte.weight if self.unembed.weight is None else self.unembed.weight
+        if isinstance(tokens, torch.Tensor) and tokens.numel() > 1:
+            if tokens.dtype not in TOKEN_DTYPES:
+                raise GPT2LabError(
+                    f"tokens_to_residual_directions takes integer token ids, got {show(tokens)}"
+                )
+            self._check_ids(tokens.reshape(-1).tolist())
+            return weight.detach()[tokens.to(weight.device).long()].clone()
+        token = single_token_id(self.tokenizer, tokens, self.cfg.d_vocab)
+        return weight.detach()[token].clone()
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` positions (default: the

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .errors import GPT2LabError
-from .model import TOKEN_DTYPES, left_pad
+from .inputs import TOKEN_DTYPES, left_pad, to_batch
 from .progress import progress_bar
 from .validate import boolean, check_memory, is_int, show
 
@@ -195,10 +195,8 @@ def _ids(model: GPT2, text_or_ids, bos: bool) -> tuple[list[int], int]:
         raise GPT2LabError("the text is empty: give at least one token")
     if not all(0 <= i < model.cfg.d_vocab for i in ids):
         raise GPT2LabError(f"token ids must be in [0, {model.cfg.d_vocab})")
-    ids = [int(i) for i in ids]
-    if bos:
-        return [model.tokenizer.eot_token, *ids], 1
-    return ids, 0
+    batch = to_batch(model.tokenizer, [int(i) for i in ids], prepend_bos=bos, bos_on_ids=True)
+    return batch.tokens[0].tolist(), int(bos)
 
 
 def _check_window(model: GPT2, max_length: int | None, stride: int | None, default_stride):

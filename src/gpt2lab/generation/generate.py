@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GPT2LabError
+from ..inputs import prompt_kind, to_batch
 from ..validate import (
     as_list,
     boolean,
@@ -62,23 +63,29 @@ class GenerationResult:
     scores: list[float] = field(default_factory=list)  # beam search: the hypothesis scores
 
 
-def _prompt_tokens(model: GPT2, prompt) -> tuple[torch.Tensor, torch.Tensor | None, bool, bool]:
-    """(tokens, mask, input was text, input was a single item)."""
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
-    ):
-        tokens, mask = model.to_tokens(prompt, return_mask=True)
-        return tokens, mask, True, isinstance(prompt, str)
-    if isinstance(prompt, torch.Tensor) and prompt.dim() in (1, 2) and prompt.numel():
-        tokens = prompt if prompt.dim() == 2 else prompt.unsqueeze(0)
-        return tokens.to(model.device), None, False, prompt.dim() == 1
-    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
-        ids = token_ids("prompt", prompt, model.cfg.d_vocab)
-        return torch.tensor([ids], device=model.device), None, False, True
-    raise GPT2LabError(
-        "prompt must be a string, a list of strings, a list of token ids or a tensor of ids, "
-        f"got {show(prompt)}"
+def _prompt_tokens(
+    model: GPT2, prompt, prepend_bos: Any = None, padding_side: Any = None
+) -> tuple[torch.Tensor, torch.Tensor | None, bool, bool]:
+    """(tokens, mask, input was text, input was a single item).
+
+    Text gets the BOS if `prepend_bos` (default: the model's `default_prepend_bos`); a
+    batch of texts is always left-padded, so that every row continues from the last
+    column (TransformerLens' `generate` forces left padding too); `padding_side` is
+    checked and otherwise changes nothing."""
+    bos = model._bos(prepend_bos)
+    model._side(padding_side)
+    kind = prompt_kind(prompt)
+    if kind == "ids":
+        token_ids("prompt", prompt, model.cfg.d_vocab)  # its own message for a bad id
+    elif kind not in ("text", "texts", "tensor") or isinstance(prompt, tuple):
+        raise GPT2LabError(
+            "prompt must be a string, a list of strings, a list of token ids or a tensor of ids, "
+            f"got {show(prompt)}"
+        )
+    batch = to_batch(
+        model.tokenizer, prompt, prepend_bos=bos, padding_side="left", device=model.device
     )
+    return batch.tokens, batch.mask, batch.is_text, batch.single
 
 
 def _pad_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -455,10 +462,16 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
     is always greedy); beam search with `num_beams > 1`; contrastive search with
     `penalty_alpha > 0` and `top_k > 1` (as in transformers). Returns the continuation as
     text for text input (a list for a list of prompts), token ids for id input, or a
-    `GenerationResult` with `return_result=True`.
+    `GenerationResult` with `return_result=True`. `prepend_bos=True` puts
+    `<|endoftext|>` before text prompts (default: the model's `default_prepend_bos`); a
+    list of texts is always left-padded (`padding_side` is accepted, as in
+    TransformerLens, whose `generate` also pads batches on the left).
     """
+    options = dict(options)
     return_result = boolean("return_result", return_result)
-    tokens, mask, is_text, single = _prompt_tokens(model, prompt)
+    tokens, mask, is_text, single = _prompt_tokens(
+        model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
+    )
     if _wants_beams(options):
         result = _generate_beams(model, tokens, mask, dict(options))
     else:
@@ -592,8 +605,11 @@ def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
         raise GPT2LabError("stream() takes one text prompt")
     if _wants_beams(options):
         raise GPT2LabError("stream() does not support beam search (it revises earlier tokens)")
-    tokens, mask, _, _ = _prompt_tokens(model, prompt)
-    s = _settings(model, tokens.shape[1], dict(options))
+    options = dict(options)
+    tokens, mask, _, _ = _prompt_tokens(
+        model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
+    )
+    s = _settings(model, tokens.shape[1], options)
     return _in_context(contextvars.copy_context(), _pieces(model, tokens, mask, s))
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GPT2LabError
+from ..inputs import prompt_kind, single_token_id, to_batch
 from .processing import processing_of
 
 if TYPE_CHECKING:
@@ -175,17 +176,23 @@ def direct_logit_attribution(
 def _prompt(
     model: GPT2, prompt: Any, attention_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(tokens [batch, pos], attention mask, whether a single prompt was given)."""
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
-    ):
+    """(tokens [batch, pos], attention mask, whether a single prompt was given). Text is
+    left-padded (pos=-1 is each row's last token), BOS as the model's default says."""
+    kind = prompt_kind(prompt)
+    if kind in ("text", "texts") and not isinstance(prompt, tuple):
         if attention_mask is not None:
             raise GPT2LabError("attention_mask goes with token ids; text is padded for you")
-        tokens, mask = model.to_tokens(prompt, return_mask=True)
-        return tokens, mask, isinstance(prompt, str)
-    if isinstance(prompt, torch.Tensor) and prompt.dim() in (1, 2) and prompt.numel():
-        return prompt if prompt.dim() == 2 else prompt[None], attention_mask, prompt.dim() == 1
-    raise GPT2LabError("give the prompt as text, a list of texts, or a tensor of token ids")
+    elif kind != "tensor":
+        raise GPT2LabError("give the prompt as text, a list of texts, or a tensor of token ids")
+    batch = to_batch(
+        model.tokenizer,
+        prompt,
+        prepend_bos=model.default_prepend_bos,
+        padding_side="left",
+        attention_mask=attention_mask,
+        device=model.device if kind != "tensor" else None,
+    )
+    return batch.tokens, batch.mask, batch.single
 
 
 def _answer_ids(model: GPT2, answer: Any, batch: int, what: str) -> torch.Tensor:
@@ -201,23 +208,7 @@ def _answer_ids(model: GPT2, answer: Any, batch: int, what: str) -> torch.Tensor
         items = items * batch
     if len(items) != batch:
         raise GPT2LabError(f"{what} has {len(items)} tokens for a batch of {batch} prompts")
-    ids = []
-    for item in items:
-        if isinstance(item, str):
-            encoded = model.tokenizer.encode(item)
-            if len(encoded) != 1:
-                raise GPT2LabError(
-                    f"{what} {item!r} is {len(encoded)} tokens; give a single token "
-                    "(usually with its leading space, e.g. ' Paris')"
-                )
-            item = encoded[0]
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise GPT2LabError(f"{what} must be a token string or id, got {item!r}")
-        if not 0 <= item < model.cfg.d_vocab:
-            raise GPT2LabError(
-                f"{what} id {item} is outside the vocabulary [0, {model.cfg.d_vocab})"
-            )
-        ids.append(item)
+    ids = [single_token_id(model.tokenizer, item, model.cfg.d_vocab, what=what) for item in items]
     return torch.tensor(ids, dtype=torch.long, device=model.device)
 
 

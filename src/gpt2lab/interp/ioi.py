@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GPT2LabError
-from ..model import left_pad
+from ..inputs import left_pad, single_token_id
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -71,13 +71,17 @@ SLOTS = re.compile(r"( \[A\]| \[B\]| \[PLACE\]| \[OBJECT\])")
 
 def single_token_ids(tokenizer: Tokenizer, words: Sequence[str], what: str) -> dict[str, int]:
     """Each word's id as one token after a space; an error names the words that are not."""
-    ids = {w: tokenizer.encode(" " + w) for w in words}
-    bad = [w for w, i in ids.items() if len(i) != 1]
+    ids, bad = {}, []
+    for w in words:
+        try:
+            ids[w] = single_token_id(tokenizer, " " + w)
+        except GPT2LabError:
+            bad.append(w)
     if bad:
         raise GPT2LabError(
             f"{what} must each be one GPT-2 token after a space; not: {', '.join(bad[:10])}"
         )
-    return {w: i[0] for w, i in ids.items()}
+    return ids
 
 
 @dataclass

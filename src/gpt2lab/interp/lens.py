@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GPT2LabError
+from ..inputs import prompt_kind, single_token_id, to_batch
 from ..quantize import linear
+from ..validate import is_int
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -164,27 +166,29 @@ class LensResult:
 
 # ---- inputs ------------------------------------------------------------------------
 def prompt_tokens(model: GPT2, prompt: Any, prepend_bos: bool = False) -> torch.Tensor:
-    """A prompt (text, a list of ids, or a [pos] / [1, pos] tensor) as a [pos] tensor."""
+    """A prompt (text, a list of ids, or a [pos] / [1, pos] tensor) as a [pos] tensor;
+    `prepend_bos` puts `<|endoftext|>` before text and ids alike."""
+    kind = prompt_kind(prompt)
     if isinstance(prompt, str):
         if not prompt:
             raise GPT2LabError("the prompt is empty: give some text to look at")
-        ids = torch.tensor(model.tokenizer.encode(prompt), dtype=torch.long)
     elif isinstance(prompt, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        if kind != "ids" and prompt:
             raise GPT2LabError("a prompt given as a list must hold integer token ids")
-        ids = torch.tensor(list(prompt), dtype=torch.long)
     elif isinstance(prompt, torch.Tensor):
-        ids = prompt.long()
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        if ids.dim() != 1:
+        rows = prompt.shape[0] if prompt.dim() == 2 else 1
+        if prompt.dim() not in (1, 2) or rows != 1:
             raise GPT2LabError(
                 f"a lens reads one prompt: give [pos] or [1, pos], got {tuple(prompt.shape)}"
             )
+        prompt = prompt.long()
     else:
         raise GPT2LabError(f"the prompt must be text or token ids, got {type(prompt).__name__}")
-    if prepend_bos:
-        ids = torch.cat([torch.tensor([model.tokenizer.eot_token]), ids])
+    if kind is None:  # an empty list or tensor
+        ids = torch.tensor([model.tokenizer.eot_token] if prepend_bos else [], dtype=torch.long)
+    else:
+        batch = to_batch(model.tokenizer, prompt, prepend_bos=prepend_bos, bos_on_ids=True)
+        ids = batch.tokens[0].cpu()
     if ids.numel() == 0:
         raise GPT2LabError("the prompt is empty: give at least one token")
     if int(ids.min()) < 0 or int(ids.max()) >= model.cfg.d_vocab:
@@ -201,18 +205,9 @@ def target_ids(model: GPT2, tokens: torch.Tensor, target: Any) -> torch.Tensor:
     default (-1 at the last position), or one given token (text or id) everywhere."""
     if target is None:
         return torch.cat([tokens[1:], tokens.new_tensor([-1])])
-    if isinstance(target, str):
-        ids = model.tokenizer.encode(target)
-        if len(ids) != 1:
-            raise GPT2LabError(
-                f"target {target!r} is {len(ids)} tokens; give a single token "
-                f"(for a word after a space include the space, e.g. ' Paris')"
-            )
-        target = ids[0]
-    if isinstance(target, bool) or not isinstance(target, int):
+    if not isinstance(target, str) and not is_int(target):
         raise GPT2LabError(f"target must be a token (text or id), got {type(target).__name__}")
-    if not 0 <= target < model.cfg.d_vocab:
-        raise GPT2LabError(f"target id {target} is outside the vocabulary [0, {model.cfg.d_vocab})")
+    target = single_token_id(model.tokenizer, target, model.cfg.d_vocab, what="target")
     return torch.full_like(tokens, target)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from ..errors import GPT2LabError
+from ..inputs import prompt_kind, single_token_id, to_batch
 from ..progress import progress_bar
 
 if TYPE_CHECKING:
@@ -134,19 +135,25 @@ def prepare_pair(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Token tensors of a clean/corrupted pair, checked to line up position by position.
 
-    Text is tokenized without BOS (lists left-padded); tensors are taken as they are,
-    with `attention_mask` (if any) applying to both.
+    Text is tokenized without BOS (unless the model's `default_prepend_bos` says
+    otherwise; lists left-padded); tensors are taken as they are, with `attention_mask`
+    (if any) applying to both.
     """
 
     def tokens_of(x: Prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(x, torch.Tensor):
             t = x.unsqueeze(0) if x.dim() == 1 else x
             return model._check_tokens(t), attention_mask
-        if isinstance(x, str) or (
-            isinstance(x, Sequence) and x and all(isinstance(s, str) for s in x)
-        ):
-            return model.to_tokens(x if isinstance(x, str) else list(x), return_mask=True)
-        raise GPT2LabError("prompts must be text, a list of texts or a tensor of token ids")
+        if prompt_kind(x) not in ("text", "texts"):
+            raise GPT2LabError("prompts must be text, a list of texts or a tensor of token ids")
+        batch = to_batch(
+            model.tokenizer,
+            x,
+            prepend_bos=model.default_prepend_bos,
+            padding_side="left",
+            device=model.device,
+        )
+        return batch.tokens, batch.mask
 
     clean_t, clean_mask = tokens_of(clean)
     corr_t, corr_mask = tokens_of(corrupted)
@@ -177,16 +184,7 @@ def prepare_pair(
 
 def token_id(model: GPT2, token: str | int) -> int:
     """The id of a text that must be exactly one token (`" Mary"`, with its leading space)."""
-    if isinstance(token, str):
-        ids = model.tokenizer.encode(token)
-        if len(ids) != 1:
-            spaced = not token.startswith(" ") and len(model.tokenizer.encode(" " + token)) == 1
-            hint = f" (did you mean {' ' + token!r}, with a leading space?)" if spaced else ""
-            raise GPT2LabError(f"{token!r} is {len(ids)} tokens, not one{hint}")
-        token = ids[0]
-    if not 0 <= token < model.cfg.d_vocab:
-        raise GPT2LabError(f"token id {token} is outside the vocabulary [0, {model.cfg.d_vocab})")
-    return token
+    return single_token_id(model.tokenizer, token, model.cfg.d_vocab)
 
 
 def token_ids(model: GPT2, tokens: Any, batch: int) -> torch.Tensor:
