@@ -47,7 +47,9 @@ def test_names_filter_forms_and_shorthand(pair):
     x = random_tokens(1, 5, seed=2)
     logits, cache = ours.run_with_cache(x, names_filter="blocks.1.hook_resid_pre")
     assert list(cache) == ["blocks.1.hook_resid_pre"]
-    assert torch.equal(logits, ours(x))
+    # a hooked forward runs step by step, a plain one the fused kernels: equal to rounding
+    torch.testing.assert_close(logits, ours(x), rtol=0, atol=1e-5)
+    assert torch.equal(logits, ours.run_with_cache(x)[0])  # and bitwise to any hooked run
     _, cache = ours.run_with_cache(x, names_filter=["hook_embed", "blocks.0.attn.hook_result"])
     assert sorted(cache) == ["blocks.0.attn.hook_result", "hook_embed"]
     _, cache = ours.run_with_cache(x, names_filter=lambda n: n.endswith("hook_pattern"))

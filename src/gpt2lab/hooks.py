@@ -44,14 +44,19 @@ NameOrPredicate = Union[str, Callable[[str], bool]]
 
 
 class _Scope:
-    """The hooks of one `hooks()` block: hook point -> functions. `reset_hooks()` inside
-    the block replaces it, in its context, by a filtered copy that shares its `root`:
-    a scope is live while its root block is open."""
+    """The hooks of one `hooks()` block of model `owner`: hook point -> functions.
+    `reset_hooks()` inside the block replaces it, in its context, by a filtered copy that
+    shares its `root`: a scope is live while its root block is open."""
 
-    __slots__ = ("hooks", "root", "open")
+    __slots__ = ("hooks", "owner", "root", "open")
 
-    def __init__(self, hooks: dict[HookPoint, tuple[HookFn, ...]], root: _Scope | None = None):
-        self.hooks = hooks
+    def __init__(
+        self,
+        hooks: dict[HookPoint, tuple[HookFn, ...]],
+        owner: HookedModule,
+        root: _Scope | None = None,
+    ):
+        self.hooks, self.owner = hooks, owner
         self.root = self if root is None else root
         self.open = True
 
@@ -172,6 +177,7 @@ class HookedModule(nn.Module):
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_dict[name] = module
+        self.hook_points = frozenset(self.hook_dict.values())
 
     def hook_names(self) -> list[str]:
         return list(self.hook_dict)
@@ -263,7 +269,7 @@ class HookedModule(nn.Module):
                 return tuple(f for f in fns if not _removable(f, direction, True, None))
 
             _scopes.set(tuple(
-                _Scope({hp: k for hp, f in s.hooks.items() if (k := kept(hp, f))}, s.root)
+                _Scope({hp: k for hp, f in s.hooks.items() if (k := kept(hp, f))}, s.owner, s.root)
                 for s in scopes if s.root.open
             ))  # fmt: skip
 
@@ -292,7 +298,7 @@ class HookedModule(nn.Module):
         attached: dict[HookPoint, tuple[HookFn, ...]] = {}
         for hp, fn in pairs:
             attached[hp] = (*attached.get(hp, ()), fn)
-        scope = _Scope(attached)
+        scope = _Scope(attached, self)
         with _lock:
             _open_blocks += 1
         _scopes.set((*_scopes.get(), scope))
@@ -489,3 +495,20 @@ def _removable(fn: HookFn, direction: str, including_permanent: bool, level: int
     if getattr(fn, "is_permanent", False):
         return False
     return level is None or getattr(fn, "level", None) == level
+
+
+def hooked(model: HookedModule) -> bool:
+    """Whether the current caller runs `model` hooked: a persistent hook on one of its
+    hook points, or a `hooks()` block of this model open in this context (even one that
+    attached nothing: `with model.hooks():` asks for the hooked path explicitly).
+
+    The model asks once per forward and, if so, computes every layer step by step (see
+    `GPT2.forward`): what a hook reads must not depend on which other hooks are attached."""
+    points = model.hook_points
+    if any(hp.persistent for hp in points):
+        return True
+    if _open_blocks:
+        for scope in _scopes.get():
+            if scope.root.open and (scope.owner is model or not points.isdisjoint(scope.hooks)):
+                return True
+    return False

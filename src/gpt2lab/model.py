@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import GPT2Config
 from .errors import GPT2LabError
-from .hooks import HookedModule, HookPoint
+from .hooks import HookedModule, HookPoint, hooked
 from .inputs import TOKEN_DTYPES, check_padding_side, check_prepend_bos, from_texts
 from .inputs import left_pad as left_pad  # (re-exported: older imports take it from here)
 from .quantize import linear
@@ -132,8 +132,10 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fixed_scale is None and not (self.hook_scale.fns or self.hook_normalized.fns):
+    def forward(self, x: torch.Tensor, step_by_step: bool = False) -> torch.Tensor:
+        if self.fixed_scale is None and not (
+            step_by_step or self.hook_scale.fns or self.hook_normalized.fns
+        ):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         x = x - x.mean(-1, keepdim=True)  # (torch.var_mean is 5x slower here)
         if self.fixed_scale is None:
@@ -238,7 +240,9 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model], computed only if hooked
 
-    def forward(self, x: torch.Tensor, mask: AttnMask, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: AttnMask, cache: KVCache | None, step_by_step: bool = False
+    ) -> torch.Tensor:
         B, T, D = x.shape
         H, dh = self.n_heads, self.d_head
         q, k, v = self.c_attn(x).split(D, dim=-1)
@@ -249,7 +253,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # -> [B, H, past + T, dh]
 
         shared, allowed = _shared_mask(mask)
-        if self.hook_attn_scores.fns or self.hook_pattern.fns:  # the pattern, explicitly
+        if (
+            step_by_step or self.hook_attn_scores.fns or self.hook_pattern.fns
+        ):  # the pattern, explicitly
             if shared:
                 scores = _masked_scores(q, k, allowed, self.scale).view(B, H, T, -1)
             else:  # per-row masks (a left-padded batch)
@@ -328,11 +334,11 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step_by_step: bool = False) -> torch.Tensor:
         if (
             self.fused_act
             and isinstance(self.c_fc, Linear)
-            and not (self.hook_pre.fns or self.hook_post.fns)
+            and not (step_by_step or self.hook_pre.fns or self.hook_post.fns)
         ):  # nothing needs the pre-activations: let the matmul apply the GELU
             return self.c_proj(self.c_fc(x, act=self.fused_act))
         return self.c_proj(self.hook_post(self.act(self.hook_pre(self.c_fc(x)))))
@@ -372,12 +378,16 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()
         self.hook_mlp_in: HookPoint | None = None  # a HookPoint after set_use_hook_mlp_in(True)
 
-    def forward(self, resid: torch.Tensor, mask: AttnMask, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, resid: torch.Tensor, mask: AttnMask, cache: KVCache | None, step_by_step: bool = False
+    ) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, cache))
+        attn_out = self.hook_attn_out(
+            self.attn(self.ln1(resid, step_by_step), mask, cache, step_by_step)
+        )
         resid = self.hook_resid_mid(resid + attn_out)
         mlp_in = resid if self.hook_mlp_in is None else self.hook_mlp_in(resid.clone())
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in, step_by_step), step_by_step))
         return self.hook_resid_post(resid + mlp_out)
 
 
@@ -560,17 +570,22 @@ class GPT2(HookedModule):
             position_ids = self._check_position_ids(position_ids, B, T, tokens.device)
         mask = self._attn_mask(key_mask, T, past, tokens.device)
 
+        # Hooked (a hook of this model attached, or inside its `hooks()` block), every
+        # layer computes step by step (the LayerNorm, the attention pattern, the GELU
+        # apart from its matmul), whichever hooks they are: what a hook reads never
+        # depends on what else is hooked. Otherwise the fused kernels run.
+        step_by_step = hooked(self)
         resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
         blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
         for block in blocks:
-            resid = block(resid, mask, cache)
+            resid = block(resid, mask, cache, step_by_step)
         if stop_at_layer is not None:
             return resid
         if cache is not None:
             cache.length += T
         if logits_to_keep:
             resid = resid[:, -logits_to_keep:]
-        resid = self.ln_final(resid)
+        resid = self.ln_final(resid, step_by_step)
         if return_type is None:
             return None
         logits = self.unembed(resid, self.wte.weight)

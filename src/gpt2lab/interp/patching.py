@@ -259,7 +259,9 @@ def normalized_logit_diff(
     clean_t, corr_t, mask = prepare_pair(model, clean, corrupted, attention_mask)
     answer_ids = token_ids(model, answer, clean_t.shape[0])
     wrong_ids = token_ids(model, wrong, clean_t.shape[0])
-    with torch.no_grad():
+    # Hooked, as the patched runs are (see `GPT2.forward`): a patch that restores the
+    # clean run scores exactly 1, not 1 to rounding.
+    with torch.no_grad(), model.hooks():
         ld_clean = logit_diff(model(clean_t, attention_mask=mask), answer_ids, wrong_ids, pos)
         ld_corr = logit_diff(model(corr_t, attention_mask=mask), answer_ids, wrong_ids, pos)
     return NormalizedLogitDiff(answer_ids, wrong_ids, float(ld_clean), float(ld_corr), pos)
