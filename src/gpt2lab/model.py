@@ -245,7 +245,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, D = x.shape
         H, dh = self.n_heads, self.d_head
-        q, k, v = self.c_attn(x).split(D, dim=-1)
+        qkv = self.c_attn(x)
+        # slices, not split(): a hook may write into q, k or v in place (TransformerLens'
+        # head ablation, `v[:, :, head] = 0`), which autograd refuses on split's views
+        q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]
         q = self.hook_q(q.view(B, T, H, dh)).transpose(1, 2)  # -> [B, H, T, dh]
         k = self.hook_k(k.view(B, T, H, dh)).transpose(1, 2)
         v = self.hook_v(v.view(B, T, H, dh)).transpose(1, 2)

@@ -65,6 +65,11 @@ class Tokenizer:
         self.eot_token: int = self._enc.eot_token
         self.vocab_size: int = self._enc.n_vocab
 
+    # transformers' names for GPT-2's one special token, which notebooks read
+    # (`model.tokenizer.bos_token_id`): it begins, ends and pads, as in TransformerLens
+    bos_token_id = eos_token_id = pad_token_id = property(lambda self: self.eot_token)
+    bos_token = eos_token = pad_token = EOT
+
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids for `text`; with `allow_special`, "<|endoftext|>" becomes id 50256."""
         if not isinstance(text, str):

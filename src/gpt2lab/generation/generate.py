@@ -466,9 +466,17 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
     `<|endoftext|>` before text prompts (default: the model's `default_prepend_bos`); a
     list of texts is always left-padded (`padding_side` is accepted, as in
     TransformerLens, whose `generate` also pads batches on the left).
+
+    TransformerLens' arguments are accepted too: `stop_at_eos` (= `stop_at_eot`),
+    `verbose` and `use_past_kv_cache` (no progress bar; the KV cache is always used,
+    which changes no greedy token), and `return_type` ("input", "str" or "tokens"),
+    which returns what TransformerLens returns: the prompt *with* its continuation, as
+    text without `<|endoftext|>`, or as a [batch, pos + new] tensor whose finished rows
+    are filled with `<|endoftext|>`.
     """
     options = dict(options)
     return_result = boolean("return_result", return_result)
+    return_type = _transformer_lens_options(options, return_result)
     tokens, mask, is_text, single = _prompt_tokens(
         model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
     )
@@ -477,10 +485,69 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
     else:
         settings = _settings(model, tokens.shape[1], dict(options), _pad_lengths(mask))
         result = _generate_loop(model, tokens, mask, settings)
+    if return_type is not None:
+        if return_type == "input":
+            return_type = "str" if is_text else "tokens"
+        return _transformer_lens_output(model, tokens, mask, result, return_type)
     if return_result:
         return result
     value = result.texts if is_text else result.tokens
     return value[0] if single and len(value) == 1 else value
+
+
+TL_RETURN_TYPES = ("input", "str", "tokens")
+
+
+def _transformer_lens_options(options: dict[str, Any], return_result: bool) -> str | None:
+    """Pop TransformerLens' generate() arguments; its `return_type` (None if not given)."""
+    boolean("verbose", options.pop("verbose", True))  # gpt2lab shows no progress bar
+    boolean("use_past_kv_cache", options.pop("use_past_kv_cache", True))
+    if "stop_at_eos" in options:
+        if "stop_at_eot" in options:
+            raise GPT2LabError("give stop_at_eos (TransformerLens' name) or stop_at_eot, not both")
+        options["stop_at_eot"] = options.pop("stop_at_eos")
+    return_type = options.pop("return_type", None)
+    if return_type is None:
+        return None
+    if return_type == "embeds":
+        raise GPT2LabError(
+            "return_type='embeds' is not supported: gpt2lab generates from tokens; use "
+            "return_type='tokens' and model.embed.W_E[tokens]"
+        )
+    if not isinstance(return_type, str) or return_type not in TL_RETURN_TYPES:
+        raise GPT2LabError(
+            f"return_type must be one of {', '.join(TL_RETURN_TYPES)}, got {show(return_type)}"
+        )
+    if return_result:
+        raise GPT2LabError("give return_type (TransformerLens' outputs) or return_result, not both")
+    return return_type
+
+
+def _transformer_lens_output(model: GPT2, tokens, mask, result: GenerationResult, kind: str):
+    """TransformerLens' generate() output: each prompt row (padding as <|endoftext|>) and
+    its new tokens, rows that ended early filled with <|endoftext|> (the end token
+    included, as TransformerLens samples it); "str" decodes each row without it."""
+    eot = model.tokenizer.eot_token
+    if len(result.tokens) != tokens.shape[0]:
+        raise GPT2LabError(
+            "return_type gives one sequence per prompt; with num_return_sequences use "
+            "return_result=True"
+        )
+    prompt = tokens if mask is None else tokens.masked_fill(mask == 0, eot)
+    n_new = max(
+        len(new) + (reason == "stop")
+        for new, reason in zip(result.tokens, result.finish_reasons, strict=True)
+    )
+    new = torch.tensor(
+        [row + [eot] * (n_new - len(row)) for row in result.tokens],
+        dtype=prompt.dtype,
+        device=prompt.device,
+    ).view(len(result.tokens), n_new)
+    out = torch.cat([prompt, new], dim=1)
+    if kind == "tokens":
+        return out
+    texts = [model.tokenizer.decode([t for t in row if t != eot]) for row in out.tolist()]
+    return texts[0] if len(texts) == 1 else texts
 
 
 def _given(value: Any, unset: Any = None) -> bool:
