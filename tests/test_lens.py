@@ -216,7 +216,9 @@ def test_final_row_is_the_models_output(small, hf_small, tokens):
         hf = hf_small(tokens).logits[0].log_softmax(-1)
         ours = small(tokens)[0].log_softmax(-1)
     assert (res.logprobs[-1] - hf).abs().max() < 1e-4
-    assert (res.logprobs[-1] - ours).abs().max() < 1e-6
+    # the lens reads the residual stream of a hooked run (step-by-step kernels, README
+    # "one rule"), the plain forward runs fused ones: equal to float32 rounding
+    assert (res.logprobs[-1] - ours).abs().max() < 2e-5
     assert res.kl[-1].abs().max() < 1e-5
 
 

@@ -220,10 +220,13 @@ def test_persistent_hooks_and_reset(models):
         finally:
             fp32.reset_hooks()
         assert torch.equal(fp32(x), plain)
-        # reset_hooks() inside a block removes its hooks too, and the block still exits cleanly
+        # reset_hooks() inside a block removes its hooks too, and the block still exits
+        # cleanly (inside a block the forward takes the hooked path: compare with one)
+        with fp32.hooks():
+            hooked_plain = fp32(x)
         with fp32.hooks([(STEER, steer)]):
             fp32.reset_hooks()
-            assert torch.equal(fp32(x), plain)
+            assert torch.equal(fp32(x), hooked_plain)
         assert not any(hp.fns for hp in fp32.hook_dict.values())
         # nested blocks: the inner one's exit restores the outer one's hooks
         with fp32.hooks([("blocks.1.hook_mlp_out", knock_out)]):
