@@ -407,13 +407,22 @@ def test_generate(theirs, ours):
 
 
 def test_generate_default_return(theirs, ours):
-    """The one difference left: TransformerLens returns the prompt and its continuation by
-    default (return_type="input"), gpt2lab the continuation."""
+    """A model from gpt2lab.tl's loaders generates with TransformerLens' defaults (10 new
+    tokens, sampled, the prompt returned with its continuation); gpt2lab.load's model
+    keeps gpt2lab's (greedy, the continuation only)."""
+    from gpt2lab.generation import generate
+
     prompt = "The capital of France is"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = theirs.model.generate(prompt, max_new_tokens=8, do_sample=False, verbose=False)
-    continuation = ours.model.generate(prompt, max_new_tokens=8, do_sample=False, verbose=False)
+    assert ours.model.generate(prompt, max_new_tokens=8, do_sample=False, verbose=False) == full
+    # sampled by default: what gpt2lab draws with do_sample=True and the same seed
+    sampled = ours.model.generate(prompt, seed=3)
+    assert sampled == prompt + generate(ours.model, prompt, do_sample=True, seed=3,
+                                        max_new_tokens=10)  # fmt: skip
+    assert sampled != prompt + generate(ours.model, prompt, max_new_tokens=10)  # not greedy
+    continuation = generate(ours.model, prompt, max_new_tokens=8)  # gpt2lab's defaults
     assert full == prompt + continuation
 
 

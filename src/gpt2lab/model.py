@@ -510,6 +510,9 @@ class GPT2(HookedModule):
         self.unembed = Unembed()
         self.setup_hooks()
         self._bind_tl_views()
+        # Options `generate` uses where the call does not set them (explicit ones win):
+        # empty for gpt2lab.load; TransformerLens' defaults for gpt2lab.tl's loaders.
+        self.generation_defaults: dict[str, Any] = {}
 
     # ---- forward ---------------------------------------------------------------------
     def forward(
@@ -906,7 +909,7 @@ class GPT2(HookedModule):
     def generate(self, prompt: Any, **options: Any):
         from .generation import generate
 
-        return generate(self, prompt, **options)
+        return generate(self, prompt, **{**self.generation_defaults, **options})
 
     def stream(self, prompt: str, **options: Any):
         from .generation import stream

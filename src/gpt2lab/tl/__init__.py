@@ -58,6 +58,9 @@ ALIASES = {
 # from_pretrained's keyword arguments that HF's from_pretrained would have taken; only
 # torch_dtype means something here (TransformerLens reads it as `dtype`).
 HF_KWARGS = {"torch_dtype"}
+# TransformerLens' generate() defaults, for the models its loaders return: 10 new tokens,
+# sampled (temperature 1), the prompt returned with its continuation, as the input was.
+TL_GENERATE_DEFAULTS = {"max_new_tokens": 10, "do_sample": True, "return_type": "input"}
 
 
 def _official_name(model_name: Any) -> str | None:
@@ -229,6 +232,7 @@ class HookedTransformer(metaclass=_IsGPT2):
             )
         if official is not None:  # cfg.model_name, as TransformerLens sets it
             model.model_name = official
+        model.generation_defaults = dict(TL_GENERATE_DEFAULTS)
         print(f"Loaded pretrained model {model_name} into HookedTransformer (gpt2lab)")
         return model
 
