@@ -35,6 +35,39 @@ def small_ckpt(tmp_path_factory, hf_small):
     return path
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory):
+    """GPT-2's tokenizer in HF's layout, made by transformers from the vocabulary gpt2lab
+    ships (no hub): what TransformerLens needs to be given, since it loads one by name."""
+    import warnings
+    from pathlib import Path
+
+    from transformers import GPT2Tokenizer
+
+    import gpt2lab
+
+    data = Path(gpt2lab.__file__).parent / "data"
+    path = tmp_path_factory.mktemp("gpt2_tokenizer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        GPT2Tokenizer(
+            vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"), add_prefix_space=False
+        ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(hf_tokenizer_dir):
+    """That tokenizer loaded by transformers (a fast GPT2TokenizerFast)."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of hundreds of tiny forward passes: one thread avoids OpenMP's per-op

@@ -97,18 +97,14 @@ def test_default_perplexity_scores_every_token_like_transformers_on_eot_plus_tex
     assert ours.perplexity(TEXT, bos=False, return_details=True)[2] == len(ids) - 1
 
 
-def test_default_perplexity_equals_transformer_lens_loss_with_its_default_bos(pair, tmp_path):
+def test_default_perplexity_equals_transformer_lens_loss_with_its_default_bos(pair, hf_tokenizer):
     from tl_reference import hooked_transformer
-    from transformers import AutoTokenizer, GPT2Tokenizer
 
     ours, _, _ = pair
     ref = hooked_transformer(ours)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        GPT2Tokenizer(
-            vocab=str(DATA / "encoder.json"), merges=str(DATA / "vocab.bpe"), add_prefix_space=False
-        ).save_pretrained(tmp_path)  # TransformerLens re-loads its tokenizer by name
-        ref.set_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+        ref.set_tokenizer(hf_tokenizer)  # TransformerLens re-loads its tokenizer by name
     ref.cfg.default_prepend_bos = True  # what HookedTransformer.from_pretrained("gpt2") sets
     with torch.no_grad():
         loss = ref(TEXT, return_type="loss").item()  # mean NLL, BOS prepended by TL itself

@@ -57,19 +57,6 @@ def hub(tmp_path_factory):
         yield hub
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer, GPT2Tokenizer
-
-    path = tmp_path_factory.mktemp("gpt2_tokenizer")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        GPT2Tokenizer(
-            vocab=str(DATA / "encoder.json"), merges=str(DATA / "vocab.bpe"), add_prefix_space=False
-        ).save_pretrained(path)
-        return AutoTokenizer.from_pretrained(path)
-
-
 def tl_from_pretrained(hub, tokenizer, no_processing=False, **kw):
     """transformer-lens' own from_pretrained("gpt2"), reading the tests' cache."""
     from transformer_lens import HookedTransformer

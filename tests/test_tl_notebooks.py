@@ -66,17 +66,9 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def theirs(hub, tmp_path_factory):
-    from test_tl_compat import DATA
-    from transformers import AutoTokenizer, GPT2Tokenizer
-
-    path = tmp_path_factory.mktemp("gpt2_tokenizer")
+def theirs(hub, hf_tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        GPT2Tokenizer(
-            vocab=str(DATA / "encoder.json"), merges=str(DATA / "vocab.bpe"), add_prefix_space=False
-        ).save_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
 
         from transformer_lens import (
             ActivationCache,
@@ -87,7 +79,7 @@ def theirs(hub, tmp_path_factory):
         )
 
         model = HookedTransformer.from_pretrained(
-            "gpt2-small", tokenizer=tokenizer, device="cpu", cache_dir=str(hub),
+            "gpt2-small", tokenizer=hf_tokenizer, device="cpu", cache_dir=str(hub),
             local_files_only=True,
         )  # fmt: skip
     return SimpleNamespace(

@@ -32,19 +32,6 @@ def model(small_ckpt):
     return gl.load(small_ckpt)
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer_dir(tmp_path_factory):
-    from transformers import GPT2Tokenizer
-
-    path = tmp_path_factory.mktemp("gpt2_tokenizer")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        GPT2Tokenizer(
-            vocab=str(DATA / "encoder.json"), merges=str(DATA / "vocab.bpe"), add_prefix_space=False
-        ).save_pretrained(path)
-    return path
-
-
 def _reference(model, tokenizer_dir, **kw):
     from tl_reference import hooked_transformer
     from transformers import AutoTokenizer
