@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import typer
 
-from .errors import GPT2LabError, one_line
+from ..errors import GPT2LabError, one_line
 
 app = typer.Typer(
     help="GPT-2, open all the way: run, generate, score, train and look inside it.",
@@ -109,8 +109,8 @@ def check_output(path: str, *, folder: bool = False, option: str = "--out") -> N
 def info(model: str | None = typer.Argument(None, help=MODEL_HELP)) -> None:
     """Sizes, parameter count, dtype and files of a model (reads headers only, not weights);
     with no model, the bundled one."""
-    from . import checkpoint
-    from .config import PRESETS, GPT2Config
+    from .. import checkpoint
+    from ..config import PRESETS, GPT2Config
 
     try:
         directory = checkpoint.resolve(model)
@@ -234,7 +234,7 @@ def generate(
     most likely token each step instead, which is what the Python API's
     model.generate() does unless given sampling options. --num-beams and --penalty-alpha
     select beam and contrastive search, which do not sample."""
-    from .checkpoint import load
+    from ..checkpoint import load
 
     use_threads(threads)
     prompt = text_argument(prompt, "generate")
@@ -303,7 +303,7 @@ def score(
     """Perplexity of a text (HF's sliding window), with per-token or per-word surprisal.
 
     The numbers of model.perplexity and model.score (--bos is their bos=True default)."""
-    from .checkpoint import load
+    from ..checkpoint import load
 
     use_threads(threads)
     text = text_argument(text, "score")
@@ -347,8 +347,8 @@ def prepare(
     Binary and non-UTF-8 files, hidden files and folders holding a gpt2lab dataset (the
     output included) are skipped and counted. The dataset appears at --out only when
     complete; an old one there is replaced then, and kept if the run fails."""
-    from .training.data import prepare as run_prepare
-    from .training.data import skipped_summary, split_summary
+    from ..training.data import prepare as run_prepare
+    from ..training.data import skipped_summary, split_summary
 
     manifest = run_prepare(
         inputs, out, field=field, val_fraction=val_fraction, shard_tokens=shard_tokens,
@@ -396,8 +396,8 @@ def train(
 
     A NaN/inf loss stops the run with an error (train.nonfinite = "skip" skips such
     updates instead, up to train.nonfinite_limit in a row)."""
-    from .training.config import load_config
-    from .training.trainer import train as run_train
+    from ..training.config import load_config
+    from ..training.trainer import train as run_train
 
     use_threads(threads)
     cfg = load_config(config, set_)
@@ -425,8 +425,8 @@ def patch(
     threads: int | None = threads_option(),
 ) -> None:
     """Activation patching: the normalised logit difference per layer x position (or head)."""
-    from .checkpoint import load
-    from .interp.patching import check_figure_path, patch_prompts, resolve_site
+    from ..checkpoint import load
+    from ..interp.patching import check_figure_path, patch_prompts, resolve_site
 
     use_threads(threads)
     resolve_site(what)
@@ -469,9 +469,9 @@ def lens(
 
     from rich.console import Console
 
-    from .checkpoint import load
-    from .interp.lens import COLOR_BY, logit_lens
-    from .interp.tuned_lens import TunedLens
+    from ..checkpoint import load
+    from ..interp.lens import COLOR_BY, logit_lens
+    from ..interp.tuned_lens import TunedLens
 
     use_threads(threads)
     if not prompt:
@@ -523,9 +523,9 @@ def lens_train(
     """Train a tuned lens (one affine translator per layer) and report held-out KL."""
     from pathlib import Path
 
-    from .checkpoint import load
-    from .interp.lens import layer_labels, lens_kl
-    from .interp.tuned_lens import TunedLens
+    from ..checkpoint import load
+    from ..interp.lens import layer_labels, lens_kl
+    from ..interp.tuned_lens import TunedLens
 
     use_threads(threads)
     if Path(out).is_file():
@@ -566,7 +566,7 @@ def evaluate(ctx: typer.Context, threads: int | None = threads_option()) -> None
     options)."""
     use_threads(threads)
     try:
-        from .lm_eval_model import main as lm_eval_main
+        from ..lm_eval_model import main as lm_eval_main
     except ImportError as e:
         raise GPT2LabError(f"lm-eval is not installed ({e}); pip install 'lm-eval>=0.4.13'") from e
     lm_eval_main(list(ctx.args))
