@@ -666,3 +666,21 @@ def _error_line(e: Exception) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+# Command groups: `gpt2lab steer ...` and `gpt2lab neurons ...`. Each module registers its
+# commands on its group (imports inside the commands keep `gpt2lab --help` fast).
+steer_app = typer.Typer(
+    help="Steering vectors: make them, sweep layers x coefficients, export to llama.cpp.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+neurons_app = typer.Typer(
+    help="Neurons over a corpus: statistics, top contexts, cards, cross-model correlations.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(steer_app, name="steer")
+app.add_typer(neurons_app, name="neurons")
+
+from . import correlate, neurons, steer  # noqa: E402,F401  (they register their commands)
