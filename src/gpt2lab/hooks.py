@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -48,17 +48,22 @@ class _Scope:
     `reset_hooks()` inside the block replaces it, in its context, by a filtered copy that
     shares its `root`: a scope is live while its root block is open."""
 
-    __slots__ = ("hooks", "owner", "root", "open")
+    __slots__ = ("hooks", "owner", "root", "open", "writes_only")
 
     def __init__(
         self,
         hooks: dict[HookPoint, tuple[HookFn, ...]],
         owner: HookedModule,
         root: _Scope | None = None,
+        writes_only: bool = False,
     ):
         self.hooks, self.owner = hooks, owner
         self.root = self if root is None else root
         self.open = True
+        # A block whose hooks only write (steering): it does not switch the model to
+        # the step-by-step path, so a steered model runs the fused kernels, and a row
+        # steered by nothing computes bit for bit what the plain model does.
+        self.writes_only = writes_only
 
 
 # The hook scopes of this thread / task, outer first (a tuple: replaced, never edited,
@@ -269,7 +274,10 @@ class HookedModule(nn.Module):
                 return tuple(f for f in fns if not _removable(f, direction, True, None))
 
             _scopes.set(tuple(
-                _Scope({hp: k for hp, f in s.hooks.items() if (k := kept(hp, f))}, s.owner, s.root)
+                _Scope(
+                    {hp: k for hp, f in s.hooks.items() if (k := kept(hp, f))},
+                    s.owner, s.root, s.writes_only,
+                )
                 for s in scopes if s.root.open
             ))  # fmt: skip
 
@@ -292,13 +300,19 @@ class HookedModule(nn.Module):
         gradient of the loss with respect to the activation at that point when
         `.backward()` runs inside the block.
         """
-        global _open_blocks
         pairs = self._pairs(fwd_hooks, "fwd_hooks")
         pairs += [(hp, _backward_hook(fn)) for hp, fn in self._pairs(bwd_hooks, "bwd_hooks")]
+        with self._scope(pairs, writes_only=False):
+            yield
+
+    @contextmanager
+    def _scope(self, pairs: list[tuple[HookPoint, HookFn]], writes_only: bool) -> Iterator[None]:
+        """Open a block holding these (hook point, function) pairs in this context."""
+        global _open_blocks
         attached: dict[HookPoint, tuple[HookFn, ...]] = {}
         for hp, fn in pairs:
             attached[hp] = (*attached.get(hp, ()), fn)
-        scope = _Scope(attached, self)
+        scope = _Scope(attached, self, writes_only=writes_only)
         with _lock:
             _open_blocks += 1
         _scopes.set((*_scopes.get(), scope))
@@ -509,6 +523,60 @@ def hooked(model: HookedModule) -> bool:
         return True
     if _open_blocks:
         for scope in _scopes.get():
-            if scope.root.open and (scope.owner is model or not points.isdisjoint(scope.hooks)):
+            if scope.writes_only or not scope.root.open:
+                continue
+            if scope.owner is model or not points.isdisjoint(scope.hooks):
                 return True
     return False
+
+
+class Positions(NamedTuple):
+    """Where the tokens of the forward pass now running sit in their sequences, for hooks
+    that act by position (steering): `ids` [batch, pos], each token's position among the
+    real tokens of its row (what the position embedding sees by default: left padding is
+    not counted, a KV cache's earlier tokens are); `real` [batch, pos] bool, False on
+    padding (None when nothing is padded); `prompt` [batch], how many real tokens the
+    row's prompt has (the tokens of the first call into the KV cache), None without a
+    cache: then every token is prompt."""
+
+    ids: torch.Tensor
+    real: torch.Tensor | None
+    prompt: torch.Tensor | None
+
+
+_positions: ContextVar[Positions | None] = ContextVar("gpt2lab_positions", default=None)
+
+
+def positions() -> Positions:
+    """The positions of the forward pass now running (see `Positions`), from inside a
+    hook of a `hooks()` block (or a steering block)."""
+    found = _positions.get()
+    if found is None:
+        raise GPT2LabError(
+            "hooks.positions() is only known inside a forward pass run in a hooks() block"
+        )
+    return found
+
+
+@contextmanager
+def where_tokens_are(seq_pos, key_mask, past: int, cache: Any) -> Iterator[None]:
+    """While a hooks() or steering block is open, tell hooks where this forward pass's
+    tokens sit in their sequences (`hooks.positions()`): steering by position counts
+    the same positions with a KV cache (one new token per call) as without one."""
+    if not _open_blocks:
+        yield
+        return
+    prompt = None
+    if cache is not None:
+        end = cache.prompt_end
+        prompt = (
+            cache.key_mask[:, :end].sum(1)
+            if cache.has_padding
+            else seq_pos.new_full((seq_pos.shape[0],), end)
+        )
+    real = None if key_mask is None else key_mask[:, past:]
+    token = _positions.set(Positions(seq_pos, real, prompt))
+    try:
+        yield
+    finally:
+        _positions.reset(token)

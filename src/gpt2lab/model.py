@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import GPT2Config
 from .errors import GPT2LabError
-from .hooks import HookedModule, HookPoint, hooked
+from .hooks import HookedModule, HookPoint, hooked, where_tokens_are
 from .inputs import TOKEN_DTYPES, check_padding_side, check_prepend_bos, from_texts
 from .inputs import left_pad as left_pad  # (re-exported: older imports take it from here)
 from .quantize import linear
@@ -88,6 +88,7 @@ class KVCache:
         self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.has_padding = False
         self.length = 0
+        self.prompt_end = 0  # how many of the cached positions the first call filled
 
     @property
     def max_len(self) -> int:
@@ -567,11 +568,14 @@ class GPT2(HookedModule):
             )
 
         key_mask = self._key_mask(attention_mask, B, T, past, cache, tokens.device)
+        if past == 0 and cache is not None:
+            cache.prompt_end = T  # a cache's first tokens are its prompt (steering counts them)
+        if key_mask is None:
+            seq_pos = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        else:  # count real tokens only, so left padding does not shift positions
+            seq_pos = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
         if position_ids is None:
-            if key_mask is None:
-                position_ids = torch.arange(past, past + T, device=tokens.device).expand(B, T)
-            else:  # count real tokens only, so left padding does not shift positions
-                position_ids = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
+            position_ids = seq_pos
         else:
             position_ids = self._check_position_ids(position_ids, B, T, tokens.device)
         mask = self._attn_mask(key_mask, T, past, tokens.device)
@@ -581,10 +585,11 @@ class GPT2(HookedModule):
         # apart from its matmul), whichever hooks they are: what a hook reads never
         # depends on what else is hooked. Otherwise the fused kernels run.
         step_by_step = hooked(self)
-        resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
-        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for block in blocks:
-            resid = block(resid, mask, cache, step_by_step)
+        with where_tokens_are(seq_pos, key_mask, past, cache):  # for hooks that act by position
+            resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
+            blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+            for block in blocks:
+                resid = block(resid, mask, cache, step_by_step)
         if stop_at_layer is not None:
             return resid
         if cache is not None:
@@ -906,30 +911,51 @@ class GPT2(HookedModule):
         return self
 
     # ---- jobs that live in other modules -------------------------------------------
-    def generate(self, prompt: Any, **options: Any):
+    # `steer=` (a SteeringVector, a (vector, coefficient) pair, a Steering or a list of
+    # them) steers one call; `with model.steer(...)` a block of them (gpt2lab.steering).
+    def generate(self, prompt: Any, *, steer: Any = None, **options: Any):
         from .generation import generate
+        from .steering.apply import steered
 
-        return generate(self, prompt, **{**self.generation_defaults, **options})
+        with steered(self, steer):
+            return generate(self, prompt, **{**self.generation_defaults, **options})
 
-    def stream(self, prompt: str, **options: Any):
+    def stream(self, prompt: str, *, steer: Any = None, **options: Any):
         from .generation import stream
 
-        return stream(self, prompt, **options)
+        if steer is None:
+            return stream(self, prompt, **options)
+        from .steering.apply import steered_stream
 
-    def score(self, text: Any, **options: Any):
+        return steered_stream(self, prompt, steer, options)
+
+    def score(self, text: Any, *, steer: Any = None, **options: Any):
         from .scoring import score
+        from .steering.apply import steered
 
-        return score(self, text, **options)
+        with steered(self, steer):
+            return score(self, text, **options)
 
-    def perplexity(self, text: Any, **options: Any) -> float:
+    def perplexity(self, text: Any, *, steer: Any = None, **options: Any) -> float:
         from .scoring import perplexity
+        from .steering.apply import steered
 
-        return perplexity(self, text, **options)
+        with steered(self, steer):
+            return perplexity(self, text, **options)
 
-    def choose(self, context: str, options: list[str], **kwargs: Any):
+    def choose(self, context: str, options: list[str], *, steer: Any = None, **kwargs: Any):
         from .scoring import choose
+        from .steering.apply import steered
 
-        return choose(self, context, options, **kwargs)
+        with steered(self, steer):
+            return choose(self, context, options, **kwargs)
+
+    def steer(self, vector: Any, coefficient: Any = 1.0, **how: Any):
+        """`with model.steer(vector, 4.0):` steers every call inside the block, in this
+        thread only (operator=, positions=, preserve_norm=: see gpt2lab.steering)."""
+        from .steering import steer
+
+        return steer(self, vector, coefficient, **how)
 
     def save(self, directory: str) -> None:
         from .checkpoint import save
