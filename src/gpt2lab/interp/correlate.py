@@ -716,7 +716,9 @@ def _load_state(path, config, matches):
         raise GPT2LabError(f"nothing to resume: {path} does not exist")
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["gpt2lab"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        # fresh (64-byte aligned) copies: MKL's float64 kernels round differently on
+        # differently aligned buffers, and a resume must equal an uninterrupted run bit for bit
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     for key in _CHECKED:
         if meta.get(key) != config[key]:
             raise GPT2LabError(
