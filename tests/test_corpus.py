@@ -90,7 +90,7 @@ def test_ranks_resume_and_cap(tok, corpus_dir):
             torch.testing.assert_close(w.pos, one[w.index].pos, rtol=0, atol=0)
     resumed = list(windows(src, seq_len=4, batch_size=3, start=5))
     assert [w.index for w in resumed] == [w.index for w in one[5:]]
-    assert all(torch.equal(a.doc, b.doc) for a, b in zip(resumed, one[5:]))
+    assert all(torch.equal(a.doc, b.doc) for a, b in zip(resumed, one[5:], strict=True))
     ids, _, _ = reference(tok)
     capped = list(windows(src, seq_len=4, batch_size=3, max_tokens=30, drop=()))
     assert (flat(capped, "offset") >= 0).sum() == 30
