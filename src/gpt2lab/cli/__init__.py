@@ -221,6 +221,18 @@ def generate(
         "same text; change it for another sample)",
     ),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
+    steer_files: list[str] = typer.Option(
+        [],
+        "--steer",
+        help="steer with a vector file (.safetensors, or a llama.cpp .gguf control vector) "
+        "times COEF (default 1): FILE or FILE:COEF, repeatable",
+    ),
+    steer_positions: str = typer.Option(
+        "all", "--steer-positions", help="all, prompt, generated or from=K (every --steer)"
+    ),
+    steer_operator: str = typer.Option(
+        "add", "--steer-operator", help="add, ablate, ablate_add or cap (every --steer)"
+    ),
     dtype: str = typer.Option(
         "float32", "--dtype", help="float32, bfloat16, float16 or int8 (int8 weights, bf16 compute)"
     ),
@@ -267,10 +279,20 @@ def generate(
         options["num_beams"] = num_beams
     if length_penalty is not None:  # without beams, the API says it needs them
         options["length_penalty"] = length_penalty
+    from .steer import parse_steer
+
+    pairs = [parse_steer(value) for value in steer_files]  # FILE[:COEF], checked before the load
     if dtype == "int8":  # int8 weights, bf16 compute
         lm = load(model, device=device, quantize="int8")
     else:
         lm = load(model, dtype=dtype, device=device)
+    if pairs:
+        from ..steering import Steering, SteeringVector
+
+        options["steer"] = [
+            Steering(SteeringVector.load(path, lm), coef, steer_operator, steer_positions)
+            for path, coef in pairs
+        ]
     if stream:
         typer.echo(prompt, nl=False)
         for piece in lm.stream(prompt, **options):
