@@ -250,20 +250,21 @@ class _Pass:
     activations for each layer the pass touches, and the co-moments of its blocks (one
     [d_a, d_b * k] tensor per layer of A, its k layers of B contiguous)."""
 
-    def __init__(self, blocks, width_a, width_b):
+    def __init__(self, blocks, width_a, width_b, device):
         self.blocks = blocks
         self.layers = {"a": sorted({a for a, _ in blocks}), "b": sorted({b for _, b in blocks})}
         self.rows: dict[int, list[int]] = {}
         for a, b in blocks:
             self.rows.setdefault(a, []).append(b)
         self.col = {b: i * width_b for i, b in enumerate(self.layers["b"])}
-        self.sums: dict[str, torch.Tensor] = {"n": torch.zeros((), dtype=torch.float64)}
+        f64 = {"dtype": torch.float64, "device": device}
+        self.sums: dict[str, torch.Tensor] = {"n": torch.zeros((), **f64)}
         for side, width in (("a", width_a), ("b", width_b)):
             for layer in self.layers[side]:
                 for kind in ("sx", "sxx", "srr"):
-                    self.sums[f"{kind}.{side}.{layer}"] = torch.zeros(width, dtype=torch.float64)
+                    self.sums[f"{kind}.{side}.{layer}"] = torch.zeros(width, **f64)
         for a, bs in self.rows.items():
-            self.sums[f"acc.{a}"] = torch.zeros(width_a, width_b * len(bs), dtype=torch.float64)
+            self.sums[f"acc.{a}"] = torch.zeros(width_a, width_b * len(bs), **f64)
 
     def add(self, acts, rotations) -> None:
         """Fold one batch in: acts[side][layer] are the shifted activations [tokens, d]."""
@@ -302,10 +303,10 @@ class _Matches:
             self.t[f"{s}.baseline_r"] = torch.full(shape, -math.inf, dtype=torch.float64)
 
     def update(self, side: str, layer: int, other: int, r, r_rot) -> None:
-        """r: [this side's neurons, the other layer's neurons]."""
-        hi, idx = torch.nan_to_num(r, nan=-math.inf).max(dim=1)
-        lo = torch.nan_to_num(r, nan=math.inf).min(dim=1).values
-        base = torch.nan_to_num(r_rot, nan=-math.inf).max(dim=1).values
+        """r: [this side's neurons, the other layer's neurons], on any device."""
+        hi, idx = (t.cpu() for t in torch.nan_to_num(r, nan=-math.inf).max(dim=1))
+        lo = torch.nan_to_num(r, nan=math.inf).min(dim=1).values.cpu()
+        base = torch.nan_to_num(r_rot, nan=-math.inf).max(dim=1).values.cpu()
         better = hi > self.t[f"{side}.best_r"][layer]
         self.t[f"{side}.best_r"][layer] = torch.where(better, hi, self.t[f"{side}.best_r"][layer])
         self.t[f"{side}.best_layer"][layer][better] = other
@@ -344,7 +345,7 @@ def _finish(p: _Pass, rotations, matches: _Matches, blocks_dir, block_dtype) -> 
                 from safetensors.torch import save_file
 
                 name = str(blocks_dir / f"r.{a}.{b}.safetensors")
-                save_file({"r": r.to(getattr(torch, block_dtype))}, name)
+                save_file({"r": r.to(getattr(torch, block_dtype)).cpu()}, name)
             del cov, r, r_a_rot, r_b_rot
 
 
@@ -470,12 +471,13 @@ def _activations(model, names, last_layer, tokens, keep, shift):
     """Each named hook's activations at the kept positions, float64, minus `shift`."""
     with torch.inference_mode():
         _, cache = model.run_with_cache(
-            tokens, names_filter=list(names.values()), stop_at_layer=last_layer + 1,
+            tokens.to(model.device), names_filter=list(names.values()),
+            stop_at_layer=last_layer + 1,
             return_cache_object=False,
         )  # fmt: skip
     out = {}
     for layer, name in names.items():
-        x = cache.pop(name).flatten(2)[keep].to(torch.float64)
+        x = cache.pop(name).flatten(2)[keep.to(model.device)].to(torch.float64)
         out[layer] = x - shift[layer] if shift is not None else x
     return out
 
@@ -487,6 +489,10 @@ def _check_models(model_a, model_b) -> None:
         if not isinstance(m, GPT2):
             raise GPT2LabError(f"model {which} must be a gpt2lab GPT2, got {type(m).__name__}")
     va, vb = model_a.cfg.d_vocab, model_b.cfg.d_vocab
+    if model_a.device != model_b.device:
+        raise GPT2LabError(
+            f"the two models must be on one device, got {model_a.device} and {model_b.device}"
+        )
     if va != vb or type(model_a.tokenizer) is not type(model_b.tokenizer):
         raise GPT2LabError(
             f"the two models must share a tokenizer: vocabularies of {va} and {vb} tokens"
@@ -557,6 +563,7 @@ def correlate(
     say = log or (lambda line: None)
 
     # Widths from a one-token probe (a hook's trailing dimensions, flattened).
+    device = model_a.device
     probe = torch.zeros(1, 1, dtype=torch.long)
     widths = {}
     for s in _SIDES:
@@ -596,10 +603,11 @@ def correlate(
     start_pass, next_window, digest, tokens_total, shift, acc = 0, 0, 0, 0, None, None
     if resume:
         start_pass, next_window, digest, tokens_total, shift, acc = _load_state(
-            state_path, config, matches
+            state_path, config, matches, device
         )
     if shift is None:  # the same reference on every rank: the stream's first window
-        shift = {s: {i: torch.zeros(widths[s], dtype=torch.float64) for i in all_layers[s]}
+        zero = torch.zeros(max(widths.values()), dtype=torch.float64, device=device)
+        shift = {s: {i: zero[: widths[s]].clone() for i in all_layers[s]}
                  for s in _SIDES}  # fmt: skip
         first = next(iter(stream.windows()), None)
         if first is not None and first.keep.any():
@@ -617,7 +625,7 @@ def correlate(
     peak_plan = 0
     for p_index in range(start_pass, len(plan)):
         blocks = plan[p_index]
-        p = _Pass(blocks, widths["a"], widths["b"])
+        p = _Pass(blocks, widths["a"], widths["b"], device)
         if acc is not None:  # resumed mid-pass
             p.sums.update(acc)
             acc = None
@@ -627,7 +635,10 @@ def correlate(
             peak_plan, pass_bytes(blocks, widths["a"], widths["b"], batch_size * seq_len)
         )
         rotations = {
-            s: {i: haar_rotation(widths[s], _rotation_seed(seed, s, i)) for i in p.layers[s]}
+            s: {
+                i: haar_rotation(widths[s], _rotation_seed(seed, s, i)).to(device)
+                for i in p.layers[s]
+            }
             for s in _SIDES
         }
         use = {s: {i: hook_names[s][i] for i in p.layers[s]} for s in _SIDES}
@@ -666,6 +677,10 @@ def correlate(
         dist.all_gather_object(digests, digest)
         digest = sum(digests) % 2**128
     tensors = {k: v.clone() for k, v in matches.t.items()}
+    if device.type == "cuda":
+        meta_device = {"peak_device_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    else:
+        meta_device = {}
     for v in tensors.values():
         if v.dtype == torch.float64:
             v[~torch.isfinite(v)] = math.nan
@@ -674,7 +689,8 @@ def correlate(
         "threshold": threshold, "tokens": tokens_total, "corpus_hash": f"{digest:032x}",
         "criterion": "universal when best_r - baseline_r > threshold",
         "memory": {"budget_gb": memory_gb, "planned_pass_gb": peak_plan / 2**30,
-                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
+                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                   "device": str(device), **meta_device},
     })  # fmt: skip
     result = Correlations(tensors, meta)
     if out_dir is not None and rank == 0:
@@ -704,12 +720,12 @@ def _save_state(path, config, p_index, window, digest, tokens, shift, p, matches
     meta.update({"pass": p_index, "next_window": window, "digest": f"{digest:032x}",
                  "tokens": tokens})  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata={"gpt2lab": json.dumps(meta)})  # fmt: skip
     os.replace(tmp, path)
 
 
-def _load_state(path, config, matches):
+def _load_state(path, config, matches, device):
     from safetensors import safe_open
 
     if path is None or not path.is_file():
@@ -719,6 +735,8 @@ def _load_state(path, config, matches):
         # fresh (64-byte aligned) copies: MKL's float64 kernels round differently on
         # differently aligned buffers, and a resume must equal an uninterrupted run bit for bit
         tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    on_device = {k: v.to(device) for k, v in tensors.items() if not k.startswith("match.")}
+    tensors.update(on_device)
     for key in _CHECKED:
         if meta.get(key) != config[key]:
             raise GPT2LabError(
