@@ -7,6 +7,7 @@ are one-line errors."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import random
@@ -28,6 +29,8 @@ from gpt2lab.interp.neurons import EMPTY, load_stats, neuron_stats
 
 WORDS = ("love hate king queen sword crown night day O my lord , . ! ? ; and the of to thy thou "
          "art hath death life heaven hell fair foul sweet bitter\n").split(" ")  # fmt: skip
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards: one thread is faster
+
 HOOKS = ["blocks.1.mlp.hook_post", "blocks.3.hook_resid_post", "hook_embed"]
 RUN = dict(seq_len=48, batch_size=3, top_k=5, n_random=4, lo=-2.0, hi=3.0, bins=25,
            context=(3, 2), drop=["<|endoftext|>", "\n"], seed=7, progress=False)  # fmt: skip
@@ -314,3 +317,117 @@ def test_bad_inputs(model, corpus, tmp_path, result, case, match):
     with pytest.raises(GPT2LabError, match=match) as info:
         run()
     assert "\n" not in str(info.value)
+
+
+# ---- the neuron card -------------------------------------------------------------------
+def test_card_is_self_contained_escaped_and_reads_the_weights(model, tmp_path):
+    from gpt2lab.interp.neuron_card import neuron_card, write_card
+
+    text = "<script>alert('x')</script> & <b>bold</b> the king the king\n" * 12
+    (tmp_path / "evil.txt").write_text(text)
+    res = neuron_stats(model, tmp_path / "evil.txt", hooks=[2], seq_len=32, batch_size=2,
+                       top_k=4, progress=False)  # fmt: skip
+    neuron = int(res.get(2, "top_val")[:, 0].argmax())
+    page = neuron_card(res, model, 2, neuron, k=4)
+    write_card(tmp_path / "card.html", page)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    lower = page.lower()
+    for forbidden in ("<script", "src=", "<link", "@import", "url(", "href="):
+        assert forbidden not in lower, forbidden
+    assert "&lt;script&gt;" in page or "&lt;" in page  # corpus text arrives escaped
+    assert "<svg" in page and page.count("<rect") == res.params.bins + 2
+    # promoted / suppressed tokens: W_out[n] @ W_U, brute force in numpy
+    w_out = model.blocks[2].mlp.W_out[neuron].detach().double().numpy()
+    w_u = model.W_U.detach().double().numpy()
+    logits = w_out @ w_u
+    for t in np.argsort(-logits)[:3].tolist() + np.argsort(logits)[:3].tolist():
+        assert html.escape(repr(model.tokenizer.decode([t]))) in page, t
+    # vocabulary moments of cos(W_out[n], W_U[:, v]) over v (plain kurtosis), via scipy
+    cos = logits / (np.linalg.norm(w_out) * np.linalg.norm(w_u, axis=0))
+    for value in (cos.mean(), cos.var(), scipy.stats.skew(cos),
+                  scipy.stats.kurtosis(cos, fisher=False)):  # fmt: skip
+        assert f"{value:.5g}" in page
+    # the top context's max token carries the top value
+    assert 'class="max" style="background: rgba(220,40,40,1.000)"' in page
+
+
+# ---- the CLI -----------------------------------------------------------------------------
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    from gpt2lab.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def test_cli_stats_top_show(model, corpus, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code, stdout, err = run_cli(["neurons", "stats", "--data", str(corpus), "--out", str(out),
+                                 "--hook", "blocks.1.mlp.hook_post", "--seq-len", "48",
+                                 "--batch-size", "3", "--top-k", "5", "--drop", "<|endoftext|>",
+                                 "--drop", "\n", "--lo", "-2", "--hi", "3", "--bins", "25",
+                                 "--threads", "1"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "tokens read" in stdout and "saved" in stdout
+    saved = load_stats(out)
+    api = neuron_stats(model, corpus, hooks=["blocks.1.mlp.hook_post"],
+                       **{**RUN, "n_random": 8, "context": (12, 4), "seed": 0})  # fmt: skip
+    assert saved.tensors.keys() == api.tensors.keys()
+    assert all(torch.equal(saved.tensors[k], t) for k, t in api.tensors.items())
+    code, stdout, err = run_cli(["neurons", "top", str(out), "--layer", "1", "-n", "7", "-k", "3"],
+                                capsys)  # fmt: skip
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].startswith("blocks.1.mlp.hook_post unit 7: count ") and len(lines) == 4
+    best = api.top(1, 7, 1)[0]
+    assert f"{best['value']:9.4f}" in lines[1] and "[[" in lines[1]
+    card = tmp_path / "card.html"
+    code, stdout, err = run_cli(["neurons", "show", str(out), "--layer", "1", "-n", "7",
+                                 "--out", str(card)], capsys)  # fmt: skip
+    assert code == 0, err
+    assert card.read_text().startswith("<!DOCTYPE html>")
+
+
+CLI_BAD = {
+    "hook": (["stats", "--data", "{corpus}", "--hook", "blocks.0.hook_nope"], "unknown hook"),
+    "top_k": (["stats", "--data", "{corpus}", "--top-k", "0"], "top_k must be an integer >= 1"),
+    "data": (["stats", "--data", "{tmp}/missing"], "does not exist"),
+    "empty": (["stats", "--data", "{tmp}/empty.txt"], "has no tokens"),
+    "dropped": (
+        ["stats", "--data", "{tmp}/nl.txt", "--drop", "\n\n", "--drop", "<|endoftext|>"],
+        "no tokens left",
+    ),  # fmt: skip
+    "out": (["stats", "--data", "{corpus}", "--out", "{tmp}/a-file"], "is a file"),
+    "resume": (
+        ["stats", "--data", "{corpus}", "--resume", "--out", "{tmp}/fresh"],
+        "does not exist",
+    ),  # fmt: skip
+    "results": (["top", "{tmp}", "--layer", "0", "-n", "1"], "holds no neuron statistics"),
+    "layer_and_hook": (["top", "{res}", "-n", "1"], "--layer L"),
+    "neuron": (["top", "{res}", "--layer", "1", "-n", "99999"], "neuron must be"),
+    "k": (["top", "{res}", "--layer", "1", "-n", "1", "-k", "0"], "k must be"),
+    "show_hook": (
+        ["show", "{res}", "--layer", "3", "-n", "1", "--out", "{tmp}/c.html"],
+        "no statistics for hook",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_BAD))
+def test_cli_bad_input_is_one_line_exit_1(case, corpus, result, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nl.txt").write_text("\n\n\n\n")
+    (tmp_path / "a-file").write_text("x")
+    result.save(tmp_path / "res")
+    args, words = CLI_BAD[case]
+    argv = ["neurons"] + [a.format(corpus=corpus, tmp=tmp_path, res=tmp_path / "res") for a in args]
+    if args[0] == "stats":
+        argv += ["--seq-len", "16", "--threads", "1"] + (
+            [] if "--out" in args else ["--out", str(tmp_path / "o")]
+        )
+    code, out, err = run_cli(argv, capsys)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, (code, err)
+    assert lines[0].startswith("gpt2lab: error: ") and words in lines[0], lines[0]

@@ -54,6 +54,12 @@ class TokenSource:
         """The whole stream, in order, as int64 arrays of any length."""
         raise NotImplementedError
 
+    def count_tokens(self) -> int:
+        """Tokens in the stream (text: one tokenizing pass, far cheaper than a forward)."""
+        if "tokens" not in self.description:
+            self.description["tokens"] = sum(len(b) for b in self.blocks())
+        return self.description["tokens"]
+
 
 class ShardSource(TokenSource):
     """One split of a `gpt2lab prepare` dataset (memory-mapped, read a block at a time)."""

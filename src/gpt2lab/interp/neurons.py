@@ -422,7 +422,7 @@ def neuron_stats(
         "batch_size": validate.integer("batch_size", batch_size, 1),
         "max_tokens": max_tokens,
         "drop": list(drop) if validate.as_list(drop) is not None else drop,
-        "corpus": source.description,
+        "corpus": {k: v for k, v in source.description.items() if k != "tokens"},
         "world": world,
     }
     out = Path(out) if out is not None else None
@@ -439,7 +439,11 @@ def neuron_stats(
         states, start, tokens_read = _load_state(state_file, settings)
     stream = windows(source, seq_len=seq_len, batch_size=settings["batch_size"],
                      max_tokens=max_tokens, start=start, rank=rank, world=world, drop=drop)  # fmt: skip
-    total = _total_batches(source, seq_len * settings["batch_size"], max_tokens, world, rank, start)
+    total = 0  # batches this process will run; counted only when a bar shows it
+    if progress is not False:
+        total = _total_batches(
+            source, seq_len * settings["batch_size"], max_tokens, world, rank, start
+        )
     now: dict = {}
 
     def accumulate(name: str):
@@ -504,13 +508,9 @@ def _ranks() -> tuple[int, int]:
 
 
 def _total_batches(source, per_batch, max_tokens, world, rank, start) -> int:
-    n = source.description.get("tokens")
-    if n is None:
-        n = max_tokens
-    elif max_tokens is not None:
-        n = min(n, max_tokens)
-    if n is None:
-        return 0  # unknown (text read as it goes): the bar counts without a total
+    n = source.count_tokens() if max_tokens is None else max_tokens
+    if "tokens" in source.description:  # known without a pass (shards): the smaller
+        n = min(n, source.description["tokens"])
     batches = -(-n // per_batch)
     return sum(1 for b in range(start, batches) if b % world == rank)
 
