@@ -185,6 +185,25 @@ def test_identical_models_match_themselves(models, tokens):
     assert m["a"]["fingerprint"] == m["b"]["fingerprint"] == fingerprint(a)
 
 
+def test_shuffled_neurons_are_found(models, tokens):
+    """B is A with each layer's MLP neurons permuted (the same function): every neuron's
+    best match is its own image under the permutation, with r = 1."""
+    a, _ = models
+    b = copy.deepcopy(a)
+    perms = [torch.randperm(48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        for block, perm in zip(b.blocks, perms, strict=True):
+            block.mlp.c_fc.weight.copy_(block.mlp.c_fc.weight[perm])
+            block.mlp.c_fc.bias.copy_(block.mlp.c_fc.bias[perm])
+            block.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight[:, perm])
+    res = correlate(a, b, tokens, layers="all", seq_len=SEQ, batch_size=4)
+    for layer, perm in enumerate(perms):
+        assert torch.equal(perm[res.tensors["a.best_neuron"][layer]], torch.arange(48))
+        assert torch.equal(res.tensors["b.best_neuron"][layer], perm)
+        assert (res.tensors["a.best_layer"][layer] == layer).all()
+    np.testing.assert_allclose(res.best_r("a").numpy(), 1.0, atol=1e-6)
+
+
 @pytest.mark.parametrize("crash_at", [4, 9])  # inside the first pass, inside the second
 def test_interrupted_and_resumed_equals_uninterrupted(models, tokens, tmp_path, crash_at):
     a, b = models
