@@ -22,7 +22,9 @@ def correlate(
         "blocks.{layer}.mlp.hook_post", "--hook", help="per-layer hook with a neuron axis"
     ),
     tokens: int | None = typer.Option(
-        None, "--tokens", help="read at most this many tokens of the corpus (default: all)"
+        None,
+        "--tokens",
+        help="read at most this many tokens of the corpus, filtered tokens included (default: all)",
     ),
     seq_len: int | None = typer.Option(
         None, "--seq-len", help="window length (default: min(context, 512))"
@@ -31,8 +33,8 @@ def correlate(
     memory_gb: float = typer.Option(
         4.0,
         "--memory-gb",
-        "--block-size",
-        help="memory for one pass's co-moments, rotations and batch (GB); more passes if smaller",
+        help="memory for one pass (GB): its layer-pair blocks of float64 co-moments, their "
+        "rotations and one batch; a smaller budget means more passes over the corpus",
     ),
     threshold: float = typer.Option(
         0.5, "--threshold", help="universal when best r - baseline r is above this (0..1)"
@@ -45,6 +47,12 @@ def correlate(
     ),
     save_blocks: bool = typer.Option(
         False, "--save-blocks", help="also write every layer pair's r (float16) to OUT/blocks"
+    ),
+    drop: list[str] = typer.Option(
+        ["<|endoftext|>"],
+        "--drop",
+        help="token left out of the statistics, still read as "
+        "context (repeatable; the paper also drops '\\n')",
     ),
     top: int = typer.Option(20, "--top", help="rows of the table printed per model"),
     threads: int | None = threads_option(),
@@ -78,7 +86,7 @@ def correlate(
             a, b, source, layers=layers, hook=hook, seq_len=seq_len, batch_size=batch_size,
             max_tokens=tokens, threshold=threshold, memory_gb=memory_gb, seed=seed, out=out,
             resume=resume, checkpoint_every=checkpoint_every, save_blocks=save_blocks,
-            names=(model_a, model_b), log=log,
+            drop=tuple(drop), names=(model_a, model_b), log=log,
         )  # fmt: skip
         if ctx.is_main:
             mem = result.meta["memory"]
