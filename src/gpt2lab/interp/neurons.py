@@ -135,51 +135,91 @@ def empty_state(units: int, p: Params) -> dict[str, torch.Tensor]:
     }
 
 
-def batch_state(act: torch.Tensor, w: Window, keys: torch.Tensor, p: Params) -> dict:
+def batch_state(
+    act: torch.Tensor, w: Window, keys: torch.Tensor, p: Params, floor: torch.Tensor | None = None
+) -> dict:
     """The state of one batch: `act` [rows, seq, units] for the tokens of `w`; `keys`
-    are the random keys of its kept tokens (in stream order)."""
+    are the random keys of its kept tokens (in stream order). With `floor` [units] (the
+    running state's k-th value), top-k candidates below it, which cannot enter the
+    merged top-k, are left out (as empty slots) before their contexts are gathered.
+
+    Units go through in chunks of CHUNK: each chunk's kept activations, transposed to
+    [units, tokens] and widened to float64, stay in the CPU's cache while every
+    statistic reads them (a whole batch would not fit: it would be read from memory
+    once per statistic, which cost several times the forward pass)."""
     rows, seq, units = act.shape
     x = act.reshape(rows * seq, units).float()
-    keep = w.keep.reshape(-1)
-    kept = keep.nonzero().squeeze(1)
+    kept = w.keep.reshape(-1).nonzero().squeeze(1)
     xk = x.index_select(0, kept)
-    n = len(kept)
-    s: dict[str, torch.Tensor] = {"count": torch.tensor([n])}
-    if n:
-        x64 = xk.double()
-        mean = x64.mean(0)
+    n, b2 = len(kept), p.bins + 2
+    if n == 0:
+        return {"count": torch.tensor([0])} | {
+            f: t for f, t in empty_state(units, p).items() if f != "count"
+        }
+    parts: dict[str, list[torch.Tensor]] = {
+        f: [] for f in ("mean", "m2", "m3", "m4", "active", "hist", "qs_key", "top_idx")
+    }
+    scale, kk = p.bins / (p.hi - p.lo), min(p.top_k, n)
+    for start in range(0, units, CHUNK):
+        chunk = xk[:, start : start + CHUNK].T.contiguous()  # [c, n]
+        c = len(chunk)
+        x64 = chunk.double()
+        mean = x64.mean(1, keepdim=True)
         d = x64 - mean
         d2 = d * d
-        s.update(mean=mean, m2=d2.sum(0), m3=(d2 * d).sum(0), m4=(d2 * d2).sum(0))
-        s["active"] = (xk > p.threshold).sum(0)
-        b2 = p.bins + 2
-        bins = ((x64 - p.lo) * (p.bins / (p.hi - p.lo))).floor_().clamp_(-1, p.bins).long()
-        cell = (bins + 1).add_(torch.arange(units) * b2)  # [n, units] flat (unit, bin) index
-        del x64, d, d2, bins
-        s["hist"] = torch.bincount(cell.view(-1), minlength=units * b2).view(units, b2)
-        s.update(_bin_samples(xk, cell, kept, keys, w, units, b2))
-        s.update(_random_samples(xk, kept, keys, w, p))
-    else:
-        s.update({f: t for f, t in empty_state(units, p).items() if f != "count"})
-    s.update(_top(x, keep, w, p))
+        parts["mean"].append(mean.squeeze(1))
+        parts["m2"].append(d2.sum(1))
+        parts["m3"].append((d2 * d).sum(1))
+        parts["m4"].append((d2 * d2).sum(1))
+        parts["active"].append((chunk > p.threshold).sum(1))
+        # bin 0: < lo, 1..bins: [lo + (i-1) w, lo + i w), bins + 1: >= hi; flat (unit, bin)
+        cell = x64.sub_(p.lo).mul_(scale).floor_().clamp_(-1, p.bins)
+        cell = cell.add_(torch.arange(1, c * b2 + 1, b2, dtype=torch.float64)[:, None]).long()
+        parts["hist"].append(torch.bincount(cell.view(-1), minlength=c * b2).view(c, b2))
+        best = torch.full((c * b2,), EMPTY, dtype=torch.int64)
+        best.scatter_reduce_(0, cell.view(-1), keys.expand(c, n).reshape(-1), "amin")
+        parts["qs_key"].append(best.view(c, b2))
+        parts["top_idx"].append(_top_indices(chunk, kk))
+    s = {f: torch.cat(t) for f, t in parts.items()}
+    s["count"] = torch.tensor([n])
+    s.update(_bin_samples(xk, s.pop("qs_key"), kept, keys, w))
+    s.update(_random_samples(xk, kept, keys, w, p))
+    s.update(_top(x, kept[s.pop("top_idx")], w, p, floor))
     return s
 
 
-def _bin_samples(xk, cell, kept, keys, w, units, b2) -> dict:
-    """Per (unit, bin), the kept token of smallest key whose activation is in that bin."""
-    best = torch.full((units * b2,), EMPTY, dtype=torch.int64)
-    best.scatter_reduce_(0, cell.view(-1), keys[:, None].expand_as(cell).reshape(-1), "amin")
-    found = (best != EMPTY).nonzero().squeeze(1)
+CHUNK = 64  # units per cache-sized block in batch_state (64 x 2048 tokens x 8 bytes = 1 MiB)
+
+
+def _top_indices(chunk: torch.Tensor, kk: int) -> torch.Tensor:
+    """Per row of `chunk` [units, tokens], the columns of its kk largest values, ties
+    broken by the lower column (= the lower stream offset). topk is free to pick any of
+    equal values at the boundary, so rows where the kk-th and the next value are equal
+    are redone with a stable sort."""
+    n = chunk.shape[1]
+    vals, idx = chunk.topk(min(kk + 1, n), dim=1)
+    if n > kk:
+        tied = (vals[:, kk - 1] == vals[:, kk]).nonzero().squeeze(1)
+        if len(tied):
+            idx[tied] = chunk[tied].sort(dim=1, descending=True, stable=True).indices[:, : kk + 1]
+    return idx[:, :kk]
+
+
+def _bin_samples(xk, best, kept, keys, w) -> dict:
+    """Per (unit, bin), the kept token of smallest key whose activation is in that bin
+    (`best`: those keys [units, bins + 2], EMPTY where the bin is empty)."""
+    units, b2 = best.shape
+    flat = best.view(-1)
+    found = (flat != EMPTY).nonzero().squeeze(1)
     order = keys.argsort()
-    token = order[torch.searchsorted(keys[order], best[found])]  # row of xk with that key
-    unit = found // b2
-    out = {"qs_key": best.view(units, b2)}
+    token = order[torch.searchsorted(keys[order], flat[found])]  # row of xk with that key
+    out = {"qs_key": best}
     for name, src in (("off", w.offset), ("doc", w.doc), ("pos", w.pos)):
         t = torch.full((units * b2,), -1, dtype=torch.int64)
         t[found] = src.reshape(-1)[kept[token]]
         out[f"qs_{name}"] = t.view(units, b2)
     val = torch.zeros(units * b2)
-    val[found] = xk[token, unit]
+    val[found] = xk[token, found // b2]
     out["qs_val"] = val.view(units, b2)
     return out
 
@@ -203,38 +243,35 @@ def _pad1(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
     return torch.cat([t, torch.full((size - len(t),), fill, dtype=t.dtype)])
 
 
-def _top(x: torch.Tensor, keep: torch.Tensor, w: Window, p: Params) -> dict:
-    """The batch's top_k per unit (kept tokens only; ties: lower offset first), with
-    the context the model saw around each."""
-    rows, seq = w.tokens.shape
-    units = x.shape[1]
-    xm = x.masked_fill(~keep[:, None], -math.inf)
-    kk = min(p.top_k, len(xm))
-    vals, idx = xm.topk(kk, dim=0)  # [kk, units]
-    tied = (xm >= vals[-1]).sum(0) > kk  # more candidates than room: resolve ties in order
-    if tied.any():
-        cols = tied.nonzero().squeeze(1)
-        sub = xm[:, cols]
-        order = sub.sort(dim=0, descending=True, stable=True).indices[:kk]
-        idx[:, cols] = order
-        vals[:, cols] = sub.gather(0, order)
-    vals, idx = vals.T.contiguous(), idx.T.contiguous()  # [units, kk]
-    empty = vals == -math.inf
-    off = w.offset.reshape(-1)[idx].masked_fill(empty, EMPTY)
-    col = idx % seq
-    ctx_col = col[..., None] + torch.arange(-p.before, p.after + 1)  # [units, kk, width]
-    inside = (ctx_col >= 0) & (ctx_col < seq) & ~empty[..., None]
-    flat = (idx - col)[..., None] + ctx_col.clamp(0, seq - 1)
-    ctx = w.tokens.reshape(-1)[flat].masked_fill(~inside, -1)
-    act = x[flat, torch.arange(units)[:, None, None]].masked_fill(~inside, 0.0)
-    return {
-        "top_val": vals,
-        "top_off": off,
-        "top_doc": w.doc.reshape(-1)[idx].masked_fill(empty, -1),
-        "top_pos": w.pos.reshape(-1)[idx].masked_fill(empty, -1),
-        "top_ctx": ctx,
-        "top_act": act,
+def _top(x: torch.Tensor, idx: torch.Tensor, w: Window, p: Params, floor=None) -> dict:
+    """The top entries at token rows `idx` [units, kk] of `x` [tokens, units], with the
+    context the model saw around each (the same window's tokens, this unit's values);
+    entries below `floor` become empty slots."""
+    seq, width = w.tokens.shape[1], p.width
+    units, kk = idx.shape
+    unit = torch.arange(units)[:, None].expand(units, kk)
+    vals = x[idx, unit]
+    live = torch.ones_like(vals, dtype=torch.bool) if floor is None else vals >= floor[:, None]
+    u, i = live.nonzero(as_tuple=True)
+    t = idx[u, i]  # the live entries' token rows
+    col = t % seq
+    ctx_col = col[:, None] + torch.arange(-p.before, p.after + 1)  # [live, width]
+    inside = (ctx_col >= 0) & (ctx_col < seq)
+    flat = (t - col)[:, None] + ctx_col.clamp(0, seq - 1)
+    out = {
+        "top_val": torch.full((units, kk), -math.inf),
+        "top_off": torch.full((units, kk), EMPTY, dtype=torch.int64),
+        "top_doc": torch.full((units, kk), -1, dtype=torch.int64),
+        "top_pos": torch.full((units, kk), -1, dtype=torch.int64),
+        "top_ctx": torch.full((units, kk, width), -1, dtype=torch.int64),
+        "top_act": torch.zeros(units, kk, width),
     }
+    out["top_val"][u, i] = vals[u, i]
+    for name, src in (("off", w.offset), ("doc", w.doc), ("pos", w.pos)):
+        out[f"top_{name}"][u, i] = src.reshape(-1)[t]
+    out["top_ctx"][u, i] = w.tokens.reshape(-1)[flat].masked_fill(~inside, -1)
+    out["top_act"][u, i] = x[flat, u[:, None]].masked_fill(~inside, 0.0)
+    return out
 
 
 def merge(a: dict, b: dict, p: Params) -> dict:
@@ -448,7 +485,9 @@ def neuron_stats(
 
     def accumulate(name: str):
         def fn(act: torch.Tensor, hook) -> None:
-            states[name] = merge(states[name], batch_state(act, now["w"], now["keys"], p), p)
+            state = states[name]
+            batch = batch_state(act, now["w"], now["keys"], p, floor=state["top_val"][:, -1])
+            states[name] = merge(state, batch, p)
 
         return fn
 
