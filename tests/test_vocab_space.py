@@ -65,7 +65,7 @@ def check_stats(stats, row: int, ref: dict[str, np.ndarray], neurons: slice = sl
 
 # ---- neuron vocabulary statistics --------------------------------------------------------
 def test_stats_equal_scipy_on_a_random_model(small, monkeypatch):
-    monkeypatch.setattr(vs, "BLOCK_BYTES", 4 * 1000 * 7)  # 7 neurons per block: 37 blocks
+    monkeypatch.setattr(vs, "STATS_BLOCK_BYTES", 4 * 1000 * 7)  # 7 neurons per block: 37 blocks
     stats = vs.neuron_vocab_stats(small)
     assert stats.layers == [0, 1] and stats.kurtosis.shape == (2, 256)
     for layer in (0, 1):
