@@ -73,6 +73,11 @@ def test_stats_equal_scipy_on_a_random_model(small, monkeypatch):
     one = vs.neuron_vocab_stats(small, layers=[1])  # a subset of layers
     assert one.layers == [1]
     torch.testing.assert_close(one.kurtosis[0], stats.kurtosis[1])
+    some = vs.neuron_vocab_stats(small, layers=[1, 0], neurons=[200, 3, 17])  # a subset
+    assert some.layers == [1, 0] and some.neuron_ids == [200, 3, 17]
+    for name in ("mean", "skew", "kurtosis", "w_in_norm", "cos_in_out"):
+        want = getattr(stats, name)[[1, 0]][:, [200, 3, 17]]
+        torch.testing.assert_close(getattr(some, name), want, rtol=1e-5, atol=1e-7)
 
 
 def test_stats_equal_scipy_on_the_bundled_model(bundled):
@@ -106,6 +111,8 @@ def test_prediction_and_suppression_neurons_are_classified(small):
     np.testing.assert_array_equal(kind[1].numpy(), want)
     assert kind[1, 3] == 1 and kind[1, 5] == -1
     assert (1, 3) in stats.neurons("prediction") and (1, 5) in stats.neurons("suppression")
+    some = vs.neuron_vocab_stats(model, layers=[1], neurons=[5, 3])
+    assert some.neurons("prediction") == [(1, 3)] and some.neurons("suppression") == [(1, 5)]
     assert stats.kurtosis[1, 3] > 20 and stats.skew[1, 3] > 1  # one cosine of 1, the rest ~0
     # a higher threshold admits fewer
     assert (stats.kind(1e9) == 0).all()
@@ -199,6 +206,8 @@ BAD = [
     (lambda m: vs.neuron_vocab_stats(m, layers=4), "layer must be an integer in [0, 3]"),
     (lambda m: vs.neuron_vocab_stats(m, layers=[]), "layers must be None, a layer"),
     (lambda m: vs.neuron_vocab_stats(m, layers="0"), "layers must be None, a layer"),
+    (lambda m: vs.neuron_vocab_stats(m, neurons=[]), "neurons must be None or a non-empty"),
+    (lambda m: vs.neuron_vocab_stats(m, neurons=[1024]), "neuron must be an integer in [0, 1023]"),
     (lambda m: vs.key_tokens(m, -1, 0), "layer must be an integer in [0, 3]"),
     (lambda m: vs.key_tokens(m, 0, 1024), "neuron must be an integer in [0, 1023]"),
     (lambda m: vs.value_tokens(m, 0, True), "neuron must be an integer"),

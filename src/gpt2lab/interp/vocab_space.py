@@ -40,7 +40,7 @@ import torch
 
 from ..errors import GPT2LabError
 from ..quantize import linear
-from ..validate import integer, number, show, token_ids
+from ..validate import as_list, integer, number, show, token_ids
 
 if TYPE_CHECKING:
     from ..model import GPT2
@@ -60,7 +60,8 @@ class NeuronVocabStats:
     3 for a Gaussian (scipy.stats.kurtosis(x, fisher=False, bias=True); scipy's default
     is the excess kurtosis, 3 less). The paper's threshold of 10 is on this plain
     kurtosis. w_in_norm = ||W_in[l][:, n]||, w_out_norm = ||W_out[l][n]||, cos_in_out =
-    cos(W_in[l][:, n], W_out[l][n]).
+    cos(W_in[l][:, n], W_out[l][n]). With `neuron_ids` (a subset asked for), column j
+    is neuron neuron_ids[j]; otherwise column n is neuron n.
     """
 
     layers: list[int]
@@ -71,6 +72,7 @@ class NeuronVocabStats:
     w_in_norm: torch.Tensor
     w_out_norm: torch.Tensor
     cos_in_out: torch.Tensor
+    neuron_ids: list[int] | None = None
 
     def kind(self, kurtosis_threshold: float = 10.0) -> torch.Tensor:
         """An int8 tensor [len(layers), d_mlp]: 1 for a prediction neuron (kurtosis above
@@ -89,11 +91,16 @@ class NeuronVocabStats:
         if kind not in signs:
             raise GPT2LabError(f"kind must be 'prediction' or 'suppression', got {show(kind)}")
         rows, cols = (self.kind(kurtosis_threshold) == signs[kind]).nonzero(as_tuple=True)
-        return [(self.layers[r], c) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+        ids = self.neuron_ids
+        return [
+            (self.layers[r], c if ids is None else ids[c])
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+        ]
 
 
-def neuron_vocab_stats(model: GPT2, layers: Any = None) -> NeuronVocabStats:
-    """The vocabulary statistics of every MLP neuron of `layers` (default: all layers).
+def neuron_vocab_stats(model: GPT2, layers: Any = None, neurons: Any = None) -> NeuronVocabStats:
+    """The vocabulary statistics of every MLP neuron of `layers` (default: all layers), or
+    of the neurons `neurons` (a list of indices, the same in each layer) only.
 
     The cosines are computed in float32 (the model's device), a block of neurons at a time,
     and their moments are taken about the block's exact mean (two passes over the block,
@@ -106,6 +113,7 @@ def neuron_vocab_stats(model: GPT2, layers: Any = None) -> NeuronVocabStats:
     which neurons pass the kurtosis threshold, change. The paper's numbers are for
     processed weights (TransformerLens' default)."""
     selected = _layers(model, layers)
+    ids = None if neurons is None else _neuron_list(model, neurons)
     U = _unembedding(model).T  # [d_vocab, d_model]: wte.weight itself while tied
     inv_norm_U = 1.0 / U.norm(dim=1).clamp_min(1e-30)  # per token
     rows = max(1, STATS_BLOCK_BYTES // (4 * U.shape[0]))
@@ -114,6 +122,8 @@ def neuron_vocab_stats(model: GPT2, layers: Any = None) -> NeuronVocabStats:
         for layer in selected:
             mlp = model.blocks[layer].mlp
             W_in, W_out = mlp.W_in.float(), mlp.W_out.float()  # [d_model, d_mlp], [d_mlp, d_model]
+            if ids is not None:
+                W_in, W_out = W_in[:, ids], W_out[ids]
             in_norm, out_norm = W_in.norm(dim=0), W_out.norm(dim=1)
             moments = [
                 _cosine_moments(W_out[s : s + rows] / out_norm[s : s + rows, None], U, inv_norm_U)
@@ -128,6 +138,7 @@ def neuron_vocab_stats(model: GPT2, layers: Any = None) -> NeuronVocabStats:
     return NeuronVocabStats(
         layers=selected,
         **{k: torch.stack(v).double().cpu() for k, v in stats.items()},
+        neuron_ids=ids,
     )
 
 
@@ -402,6 +413,13 @@ def _check_unquantized(model: GPT2) -> None:
 
 def _layer(model: GPT2, layer: Any) -> int:
     return integer("layer", layer, 0, model.cfg.n_layers - 1)
+
+
+def _neuron_list(model: GPT2, neurons: Any) -> list[int]:
+    items = as_list(neurons)
+    if not items:
+        raise GPT2LabError(f"neurons must be None or a non-empty list, got {show(neurons)}")
+    return [integer("neuron", n, 0, model.cfg.d_mlp - 1) for n in items]
 
 
 def _layers(model: GPT2, layers: Any) -> list[int]:
