@@ -105,7 +105,12 @@ def hook_template(model: Any, hook: Any, which: str) -> str:
     if "{layer}" not in hook:
         m = re.fullmatch(r"blocks\.\d+\.(.+)", hook)
         hook = "blocks.{layer}." + (m.group(1) if m else hook)
-    name = hook.format(layer=0)
+    try:
+        name = hook.format(layer=0)
+    except (KeyError, IndexError, ValueError):
+        raise GPT2LabError(f"hook {hook!r}: the only placeholder allowed is {{layer}}") from None
+    if name.endswith(("hook_pattern", "hook_attn_scores")):
+        raise GPT2LabError(f"hook {name!r} is [batch, head, query, key]: no neuron axis per token")
     if name not in model.hook_dict:
         close = [n for n in model.hook_dict if n.startswith("blocks.0.")]
         hint = ", ".join(n.removeprefix("blocks.0.") for n in close[:12])
@@ -451,7 +456,7 @@ def load_correlations(path: str | os.PathLike) -> Correlations:
         with safe_open(str(p), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["gpt2lab"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (KeyError, ValueError, OSError, Exception) as e:
+    except Exception as e:  # safetensors' own error, a missing key, bad JSON
         raise GPT2LabError(f"{p} is not a correlations result ({type(e).__name__})") from None
     return Correlations(tensors, meta)
 
