@@ -285,17 +285,20 @@ def continuation_nll(model: Any, prompt: str, continuations: list[list[int]]) ->
     if not rows:
         return 0.0, 0
     width = len(ids) + max(len(c) for c in rows)
-    tokens = torch.full((len(rows), width), tok.eot_token, dtype=torch.long)
-    for i, c in enumerate(rows):  # right padding: no real token attends to it
-        tokens[i, : len(ids) + len(c)] = torch.tensor(ids + c)
-    logits = model(tokens.to(model.device)).float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    picked = logprobs.gather(2, tokens[:, 1:, None].to(model.device))[..., 0].cpu()
+    step = max(1, 2**26 // (width * model.cfg.d_vocab))  # about 256 MB of float32 logits
     total, count = 0.0, 0
-    for i, c in enumerate(rows):
-        lp = picked[i, len(ids) - 1 : len(ids) - 1 + len(c)]
-        total -= float(lp.double().sum())
-        count += len(c)
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        tokens = torch.full((len(chunk), width), tok.eot_token, dtype=torch.long)
+        for i, c in enumerate(chunk):  # right padding: no real token attends to it
+            tokens[i, : len(ids) + len(c)] = torch.tensor(ids + c)
+        logits = model(tokens.to(model.device)).float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logprobs.gather(2, tokens[:, 1:, None].to(model.device))[..., 0].cpu()
+        for i, c in enumerate(chunk):
+            lp = picked[i, len(ids) - 1 : len(ids) - 1 + len(c)]
+            total -= float(lp.double().sum())
+            count += len(c)
     return total, count
 
 
