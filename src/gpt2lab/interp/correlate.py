@@ -420,12 +420,12 @@ class Correlations:
             f"{int(u.sum())} of {total} neurons universal "
             f"({100 * int(u.sum()) / max(total, 1):.2f}%, excess > {self.meta['threshold']})"
         )
-        lines = [head, " layer  neuron  best_r  baseline  excess  match (layer.neuron)"]
+        lines = [head, " layer  neuron  best_r  baseline  excess  match (layer:neuron)"]
         for row in self.top(side, k):
             lines.append(
                 f"{row['layer']:6d}  {row['neuron']:6d}  {row['best_r']:6.3f}  "
                 f"{row['baseline_r']:8.3f}  {row['excess']:6.3f}  "
-                f"{row['match_layer']}.{row['match_neuron']}{'  *' if row['universal'] else ''}"
+                f"{row['match_layer']}:{row['match_neuron']}{'  *' if row['universal'] else ''}"
             )
         return "\n".join(lines)
 
