@@ -280,7 +280,8 @@ def test_corpus_of_text_files(models, tmp_path):
     for i in range(3):
         words = " ".join(f"word{(i * 7 + j * j) % 53} and" for j in range(40 + 10 * i))
         (text / f"doc{i}.txt").write_text(words + "\n")
-    res = correlate(a, b, text, layers="same", seq_len=SEQ, batch_size=3, out=tmp_path / "o")
+    res = correlate(a, b, text, layers="same", seq_len=SEQ, batch_size=3, out=tmp_path / "o",
+                    progress=True)  # fmt: skip
     source = open_corpus(text, a.tokenizer)
     ws = list(windows(source, seq_len=SEQ, batch_size=3))
     toks = torch.cat([w.tokens for w in ws])

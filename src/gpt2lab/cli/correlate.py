@@ -86,7 +86,7 @@ def correlate(
             a, b, source, layers=layers, hook=hook, seq_len=seq_len, batch_size=batch_size,
             max_tokens=tokens, threshold=threshold, memory_gb=memory_gb, seed=seed, out=out,
             resume=resume, checkpoint_every=checkpoint_every, save_blocks=save_blocks,
-            drop=tuple(drop), names=(model_a, model_b), log=log,
+            drop=tuple(drop), names=(model_a, model_b), log=log, progress=True,
         )  # fmt: skip
         if ctx.is_main:
             mem = result.meta["memory"]

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from ..errors import GPT2LabError
+from ..progress import progress_bar, resolve
 from ..validate import boolean, integer, number, show
 from .corpus import drop_ids, open_corpus
 from .corpus import windows as corpus_windows
@@ -224,7 +225,17 @@ class _Stream:
             self.rows = None
             is_path = isinstance(source, (str, os.PathLike))
             self.source = open_corpus(source, tokenizer) if is_path else source
-            self.description = dict(getattr(self.source, "description", {}))
+            # without "tokens": count_tokens() adds it to the source's description later
+            described = getattr(self.source, "description", {})
+            self.description = {k: v for k, v in described.items() if k != "tokens"}
+
+    def tokens(self) -> int:
+        """Tokens of the stream this run reads (for the progress bar)."""
+        if self.rows is not None:
+            n = self.rows.numel()
+        else:
+            n = self.source.count_tokens()
+        return n if self.max_tokens is None else min(n, self.max_tokens)
 
     def windows(self, start: int = 0, rank: int = 0, world: int = 1):
         if self.rows is not None:
@@ -525,6 +536,7 @@ def correlate(
     drop: tuple[str, ...] = ("<|endoftext|>",),
     names: tuple[str, str] | None = None,
     log=None,
+    progress: bool | None = None,
 ) -> Correlations:
     """Pearson r of every neuron pair of the chosen layer pairs of two models over one
     token stream, each neuron's best match, the rotation baseline and the universal
@@ -540,7 +552,8 @@ def correlate(
     out/blocks/r.{layer_a}.{layer_b}.safetensors in `block_dtype` (float16 by default:
     2 bytes a pair). Under torchrun (an initialised process group) each rank takes its
     share of the windows and every rank returns the same result. `log(str)` gets a line
-    per pass."""
+    per pass; `progress` shows a bar per pass (None: on a terminal only; True: also
+    periodic lines in a log)."""
     _check_models(model_a, model_b)
     models = {"a": model_a, "b": model_b}
     templates = {s: hook_template(models[s], hook, s.upper()) for s in _SIDES}
@@ -647,20 +660,25 @@ def correlate(
             for s in _SIDES
         }
         use = {s: {i: hook_names[s][i] for i in p.layers[s]} for s in _SIDES}
-        since = 0
-        for batch in stream.windows(start=next_window, rank=rank, world=world):
-            if p_index == 0:
-                digest = (digest + _window_digest(batch)) % 2**128
-            if batch.keep.any():
-                acts = {s: _activations(models[s], use[s], max(p.layers[s]), batch.tokens,
-                                        batch.keep, shift[s]) for s in _SIDES}  # fmt: skip
-                p.add(acts, rotations)
-                del acts
-            next_window = batch.index + 1
-            since += 1
-            if since >= checkpoint_every:
-                save_state(p_index, next_window, p, digest)
-                since = 0
+        visible = progress if rank == 0 else False
+        total = -(-stream.tokens() // world) if resolve(visible) else 0  # count only to show
+        with progress_bar(total, f"correlate pass {p_index + 1}/{len(plan)}", visible,
+                          unit="tokens") as advance:  # fmt: skip
+            since = 0
+            for batch in stream.windows(start=next_window, rank=rank, world=world):
+                if p_index == 0:
+                    digest = (digest + _window_digest(batch)) % 2**128
+                if batch.keep.any():
+                    acts = {s: _activations(models[s], use[s], max(p.layers[s]), batch.tokens,
+                                            batch.keep, shift[s]) for s in _SIDES}  # fmt: skip
+                    p.add(acts, rotations)
+                    del acts
+                next_window = batch.index + 1
+                advance(batch.tokens.numel())
+                since += 1
+                if since >= checkpoint_every:
+                    save_state(p_index, next_window, p, digest)
+                    since = 0
         if world > 1:
             p.all_reduce()
         n = int(p.sums["n"])
