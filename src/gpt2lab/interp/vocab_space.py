@@ -360,18 +360,17 @@ def _top_pairs(
 
 
 def _view(model: GPT2, what: str, scores: torch.Tensor, ids: torch.Tensor, k: Any) -> TokenView:
+    """The k highest and k lowest scores (top-k, not a sort of the whole vocabulary)."""
     k = min(integer("k", k, 1), scores.numel())
-    order = scores.argsort(descending=True, stable=True)
-    ids_l, scores_l = ids.tolist(), scores.tolist()
 
-    def pick(positions: list[int]) -> list[TokenScore]:
-        return [TokenScore(ids_l[p], _token(model, ids_l[p]), scores_l[p]) for p in positions]
+    def pick(largest: bool) -> list[TokenScore]:
+        values, positions = scores.topk(k, largest=largest, sorted=True)
+        chosen = ids[positions].tolist()
+        return [
+            TokenScore(t, _token(model, t), v) for t, v in zip(chosen, values.tolist(), strict=True)
+        ]
 
-    return TokenView(
-        what=what,
-        top=pick(order[:k].tolist()),
-        bottom=pick(order[-k:].flip(0).tolist()),
-    )
+    return TokenView(what=what, top=pick(True), bottom=pick(False))
 
 
 def _rows(model: GPT2, matrix: torch.Tensor, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
