@@ -283,19 +283,20 @@ class _Pass:
             self.sums[f"acc.{a}"] = torch.zeros(width_a, width_b * len(bs), **f64)
 
     def add(self, acts, rotations) -> None:
-        """Fold one batch in: acts[side][layer] are the shifted activations [tokens, d]."""
-        self.sums["n"] += next(iter(acts["a"].values())).shape[0]
+        """Fold one batch in: acts[side] = ({layer: shifted activations [tokens, d]}, the
+        same as one matrix [tokens, sum of d], the pass's layers side by side)."""
+        self.sums["n"] += acts["a"][1].shape[0]
         for side in _SIDES:
-            for layer, x in acts[side].items():
+            for layer, x in acts[side][0].items():
                 self.sums[f"sx.{side}.{layer}"] += x.sum(0)
                 self.sums[f"sxx.{side}.{layer}"] += (x * x).sum(0)
                 rx = x @ rotations[side][layer]
                 self.sums[f"srr.{side}.{layer}"] += (rx * rx).sum(0)
-        ycat = torch.cat([acts["b"][b] for b in self.layers["b"]], dim=1)
+        ycat = acts["b"][1]
         for a, bs in self.rows.items():
             lo = self.col[bs[0]]
             cols = ycat[:, lo : lo + self.sums[f"acc.{a}"].shape[1]]
-            self.sums[f"acc.{a}"].addmm_(acts["a"][a].T, cols)
+            self.sums[f"acc.{a}"].addmm_(acts["a"][0][a].T, cols)
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
@@ -484,18 +485,29 @@ def _dist() -> tuple[int, int]:
 
 
 def _activations(model, names, last_layer, tokens, keep, shift):
-    """Each named hook's activations at the kept positions, float64, minus `shift`."""
+    """Each named hook's activations at the kept positions, float64, minus `shift`: a
+    dict {layer: [kept tokens, d]} of column blocks of one matrix, returned too (written
+    in place, layer by layer, so a batch costs 12 bytes per activation at most: the
+    float32 cache and the float64 matrix)."""
     with torch.inference_mode():
         _, cache = model.run_with_cache(
             tokens.to(model.device), names_filter=list(names.values()),
             stop_at_layer=last_layer + 1,
             return_cache_object=False,
         )  # fmt: skip
-    out = {}
+    keep = keep.to(model.device)
+    widths = {layer: math.prod(cache[name].shape[2:]) for layer, name in names.items()}
+    out = torch.empty(int(keep.sum()), sum(widths.values()), dtype=torch.float64,
+                      device=model.device)  # fmt: skip
+    views, col = {}, 0
     for layer, name in names.items():
-        x = cache.pop(name).flatten(2)[keep.to(model.device)].to(torch.float64)
-        out[layer] = x - shift[layer] if shift is not None else x
-    return out
+        view = out[:, col : col + widths[layer]]
+        view.copy_(cache.pop(name).flatten(2)[keep])
+        if shift is not None:
+            view -= shift[layer]
+        views[layer] = view
+        col += widths[layer]
+    return views, out
 
 
 def _check_models(model_a, model_b) -> None:
@@ -589,7 +601,7 @@ def correlate(
         acts = _activations(
             models[s], {0: name}, 0, probe, torch.ones(1, 1, dtype=torch.bool), None
         )
-        widths[s] = acts[0].shape[1]
+        widths[s] = acts[1].shape[1]
     budget = int(memory_gb * 2**30)
     plan = plan_passes(pairs, widths["a"], widths["b"], batch_size * seq_len, budget)
     names = names or ("A", "B")
@@ -632,7 +644,7 @@ def correlate(
             for s in _SIDES:
                 acts = _activations(models[s], hook_names[s], max(all_layers[s]), first.tokens,
                                     first.keep, None)  # fmt: skip
-                for layer, x in acts.items():
+                for layer, x in acts[0].items():
                     shift[s][layer] = x.mean(0)
 
     def save_state(p_index, window, p, digest):
