@@ -115,6 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the children's setting, for the machine lines
     args.data = corpus(args)
     small = max(args.tokens // 10, args.seq_len * args.batch_size)
     plain = run_child(args, "forward", args.tokens)

@@ -453,7 +453,7 @@ def neuron_stats(
     units = _unit_counts(model, hooks)
     rank, world = _ranks()
     settings = {
-        "params": vars(p) | {},
+        "params": dict(vars(p)),
         "hooks": units,
         "seq_len": seq_len,
         "batch_size": validate.integer("batch_size", batch_size, 1),
@@ -477,7 +477,9 @@ def neuron_stats(
     stream = windows(source, seq_len=seq_len, batch_size=settings["batch_size"],
                      max_tokens=max_tokens, start=start, rank=rank, world=world, drop=drop)  # fmt: skip
     total = 0  # batches this process will run; counted only when a bar shows it
-    if progress is not False:
+    from ..progress import progress_bar, resolve
+
+    if resolve(progress) is not None:
         total = _total_batches(
             source, seq_len * settings["batch_size"], max_tokens, world, rank, start
         )
@@ -485,13 +487,11 @@ def neuron_stats(
 
     def accumulate(name: str):
         def fn(act: torch.Tensor, hook) -> None:
-            state = states[name]
+            state, act = states[name], act.detach().float().cpu()  # the state lives on the CPU
             batch = batch_state(act, now["w"], now["keys"], p, floor=state["top_val"][:, -1])
             states[name] = merge(state, batch, p)
 
         return fn
-
-    from ..progress import progress_bar
 
     done, next_batch, complete = 0, start, True
     device = next(model.parameters()).device
@@ -614,10 +614,15 @@ def _load_state(path: Path, settings: dict) -> tuple[dict, int, int]:
             f"checkpoint {path} was made with other settings (hooks, corpus or parameters); "
             "rerun without resume or with the same settings"
         )
-    states: dict = {h: {} for h in settings["hooks"]}
-    for key, t in tensors.items():
-        h, f = key.rsplit(".", 1)
-        states[h][f] = t
+    p = Params(**settings["params"])
+    states = {}
+    for h, units in settings["hooks"].items():
+        want = empty_state(units, p)
+        states[h] = {f: tensors.get(f"{h}.{f}") for f in want}
+        for f, t in want.items():
+            got = states[h][f]
+            if got is None or got.shape != t.shape or got.dtype != t.dtype:
+                raise GPT2LabError(f"checkpoint {path} is damaged: {h}.{f} is missing or malformed")
     return states, int(meta["next_batch"]), int(meta["tokens_read"])
 
 
