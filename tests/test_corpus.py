@@ -60,6 +60,7 @@ def test_text_stream_equals_brute_force(tok, corpus_dir, seq_len, batch):
     assert all(w.tokens.shape[0] == batch for w in ws[:-1])
     real = flat(ws, "offset") >= 0
     n = len(ids)
+    assert open_corpus(corpus_dir, tok).count_tokens() == n
     assert real.sum() == n and real[:n].all()  # padding only at the very end
     np.testing.assert_array_equal(flat(ws, "tokens")[:n], ids)
     np.testing.assert_array_equal(flat(ws, "doc")[:n], docs)
@@ -104,6 +105,7 @@ def test_shards_equal_their_tokens(tok, corpus_dir, tmp_path):
     assert src.description["kind"] == "shards" and src.description["hash"].startswith("sha256:")
     ws = list(windows(src, seq_len=9, batch_size=2, drop=()))
     n = len(raw)
+    assert src.count_tokens() == n
     np.testing.assert_array_equal(flat(ws, "tokens")[:n], raw)
     ends = np.concatenate([[0], np.cumsum(raw[:-1] == tok.eot_token)])
     np.testing.assert_array_equal(flat(ws, "doc")[:n], ends)
