@@ -220,6 +220,36 @@ def test_resume_equals_uninterrupted(model, corpus, tmp_path):
     assert all(torch.equal(saved.tensors[k], t) for k, t in whole.tensors.items())
 
 
+def test_killed_cli_run_resumes_to_the_uninterrupted_result(model, corpus, tmp_path):
+    """A real interruption: the CLI process is killed (SIGKILL) once a checkpoint exists,
+    then `--resume` finishes; the result equals an uninterrupted API run."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "gpt2lab", "neurons", "stats", "--data", str(corpus),
+           "--out", str(out), "--hook", "blocks.0.mlp.hook_post", "--seq-len", "8",
+           "--batch-size", "1", "--checkpoint-every", "1", "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "state.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "neurons.json").exists()  # killed part-way, before the results
+    again = [("50" if a == "1" and cmd[i - 1] == "--checkpoint-every" else a)
+             for i, a in enumerate(cmd)]  # fmt: skip
+    done = subprocess.run(again + ["--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    whole = neuron_stats(model, corpus, hooks=["blocks.0.mlp.hook_post"], seq_len=8,
+                         batch_size=1, progress=False)  # fmt: skip
+    resumed = load_stats(out)
+    assert resumed.meta["tokens_read"] == whole.meta["tokens_read"]
+    for name, t in whole.tensors.items():
+        assert torch.equal(resumed.tensors[name], t), name
+
+
 DIST_SCRIPT = """
 import sys, torch, torch.distributed as dist
 torch.set_num_threads(1)
