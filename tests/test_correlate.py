@@ -308,6 +308,10 @@ def test_saved_result_loads_and_names_its_inputs(models, tokens, tmp_path):
     assert meta["models"]["a"]["fingerprint"] != meta["models"]["b"]["fingerprint"]
     assert meta["threshold"] == 0.2 and meta["hook"] == HOOK
     assert meta["memory"]["peak_rss_gb"] > 0
+    assert meta["memory"]["finish_block_gb"] == pytest.approx(32 * 48 * 40 / 2**30)
+    assert meta["memory"]["planned_pass_gb"] == pytest.approx(
+        pass_bytes(layer_pairs("all", 2, 3), 48, 40, 4 * SEQ) / 2**30
+    )
     other = correlate(a, b, tokens[:8], seq_len=SEQ, batch_size=4)
     assert other.meta["corpus_hash"] != meta["corpus_hash"]
     # the table: rows by decreasing excess, universal marked by the threshold

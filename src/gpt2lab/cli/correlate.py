@@ -93,7 +93,8 @@ def correlate(
             typer.echo(
                 f"{result.meta['tokens']:,} tokens, {len(result.meta['pairs'])} layer pairs in "
                 f"{len(result.meta['passes'])} pass(es); planned {mem['planned_pass_gb']:.3f} "
-                f"GB per pass, peak RSS {mem['peak_rss_gb']:.3f} GB"
+                f"GB per pass + {mem['finish_block_gb']:.3f} GB to finish a block, peak RSS "
+                f"{mem['peak_rss_gb']:.3f} GB"
             )
             for side in ("a", "b"):
                 typer.echo("\n" + result.table(side, top))

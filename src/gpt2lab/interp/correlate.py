@@ -724,6 +724,7 @@ def correlate(
         "threshold": threshold, "tokens": tokens_total, "corpus_hash": f"{digest:032x}",
         "criterion": "universal when best_r - baseline_r > threshold",
         "memory": {"budget_gb": memory_gb, "planned_pass_gb": peak_plan / 2**30,
+                   "finish_block_gb": 32 * widths["a"] * widths["b"] / 2**30,
                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                    "device": str(device), **meta_device},
     })  # fmt: skip
