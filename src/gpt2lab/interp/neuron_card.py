@@ -102,8 +102,8 @@ def _vocab_section(model, layer: int, neuron: int, k: int) -> str:
     from .vocab_space import neuron_vocab_stats, value_tokens
 
     view = value_tokens(model, layer, neuron, k)
-    vs = neuron_vocab_stats(model, layers=[layer])
-    kind = {1: "prediction", -1: "suppression", 0: "neither"}[int(vs.kind()[0, neuron])]
+    vs = neuron_vocab_stats(model, layers=[layer], neurons=[neuron])  # this neuron only
+    kind = {1: "prediction", -1: "suppression", 0: "neither"}[int(vs.kind()[0, 0])]
 
     def tokens(rows) -> str:
         return "".join(
@@ -112,7 +112,7 @@ def _vocab_section(model, layer: int, neuron: int, k: int) -> str:
         )
 
     stats = "".join(
-        f"<tr><th class='left'>{name}</th><td>{float(getattr(vs, name)[0, neuron]):.5g}</td></tr>"
+        f"<tr><th class='left'>{name}</th><td>{float(getattr(vs, name)[0, 0]):.5g}</td></tr>"
         for name in ("mean", "var", "skew", "kurtosis", "w_in_norm", "w_out_norm", "cos_in_out")
     )
     return (
