@@ -463,3 +463,9 @@ def test_cli_bad_input_is_one_line_exit_1(case, cli_inputs, capsys):
     lines = err.splitlines()
     assert code == 1 and len(lines) == 1, (code, err)
     assert lines[0].startswith("gpt2lab: error: ") and words in lines[0], lines[0]
+
+
+def test_output_folder_that_cannot_be_made_is_one_line(models, tokens, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(GPT2LabError, match="cannot create the output folder"):
+        correlate(*models, tokens, layers="same", seq_len=SEQ, out=tmp_path / "afile" / "c")

@@ -461,3 +461,9 @@ def test_cli_bad_input_is_one_line_exit_1(case, corpus, result, tmp_path, capsys
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, (code, err)
     assert lines[0].startswith("gpt2lab: error: ") and words in lines[0], lines[0]
+
+
+def test_output_folder_that_cannot_be_made_is_one_line(model, corpus, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(GPT2LabError, match="cannot create the output folder"):
+        neuron_stats(model, corpus, seq_len=16, batch_size=2, out=tmp_path / "afile" / "s")

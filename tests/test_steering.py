@@ -407,6 +407,21 @@ def test_bad_input(model, vec, make, match):
             model(model.to_tokens("Hi"))
 
 
+def test_writes_make_folders_and_fail_in_one_line(model, vec, tmp_path):
+    deep = tmp_path / "a" / "b" / "v.safetensors"
+    vec.save(deep)  # missing folders are created, as for every gpt2lab output
+    assert torch.equal(SteeringVector.load(deep)[HOOK], vec[HOOK])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GPT2LabError, match="cannot write"):
+        vec.save(tmp_path / "file" / "v.safetensors")  # a file where a folder must be
+    with pytest.raises(GPT2LabError, match="cannot write"):
+        save_gguf(
+            SteeringVector({"blocks.1.hook_resid_post": vec[HOOK]}),
+            tmp_path / "file" / "v.gguf",
+            model,
+        )
+
+
 def test_not_a_vector_file(model, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 100)

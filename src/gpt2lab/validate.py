@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterable, Sized
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,6 +164,17 @@ def token_ids(
             f"{name} must be {one}{some} list of token ids {where}, got {show(value)}"
         )
     return [int(t) for t in ids]
+
+
+def output_folder(path: Any, what: str = "output folder") -> Path:
+    """Create an output folder (and its parents), or fail in one line naming it: a file in
+    the way, no permission, a read-only file system."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPT2LabError(f"cannot create the {what} {folder}: {e.strerror or e}") from None
+    return folder
 
 
 def show(value: Any) -> str:

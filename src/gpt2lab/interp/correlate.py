@@ -65,7 +65,7 @@ import torch
 
 from ..errors import GPT2LabError
 from ..progress import progress_bar, resolve
-from ..validate import boolean, integer, number, show
+from ..validate import boolean, integer, number, output_folder, show
 from .corpus import drop_ids, open_corpus
 from .corpus import windows as corpus_windows
 
@@ -446,8 +446,7 @@ class Correlations:
         header and beside it (correlations.json)."""
         from safetensors.torch import save_file
 
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        d = output_folder(directory)
         text = json.dumps(self.meta, indent=1, sort_keys=True)
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(d / RESULT_FILE),
                   metadata={"gpt2lab": text})  # fmt: skip
@@ -620,10 +619,9 @@ def correlate(
     out_dir = Path(out) if out is not None else None
     blocks_dir = None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        output_folder(out_dir)
         if save_blocks:
-            blocks_dir = out_dir / "blocks"
-            blocks_dir.mkdir(exist_ok=True)
+            blocks_dir = output_folder(out_dir / "blocks")
     state_path = out_dir / STATE_FILE.format(rank=f".rank{rank}" if world > 1 else "") if (
         out_dir is not None) else None  # fmt: skip
 

@@ -580,7 +580,7 @@ def _gather(states: dict, p: Params, tokens_read: int) -> tuple[dict, int]:
 def _save_state(path: Path, states: dict, settings: dict, next_batch: int, tokens: int) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    validate.output_folder(path.parent)
     meta = {"settings": settings, "next_batch": next_batch, "tokens_read": tokens}
     tensors = {f"{h}.{f}": t.contiguous() for h, s in states.items() for f, t in s.items()}
     tmp = path.with_name(path.name + ".tmp")

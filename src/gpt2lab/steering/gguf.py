@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import GPT2LabError
-from .vector import SteeringVector, model_record
+from .vector import SteeringVector, model_record, writing
 
 ARCH = "controlvector"
 
@@ -70,16 +70,17 @@ def save_gguf(
         layers[k] = (float(coefficient) * d).numpy().astype(np.float32)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    writer.add_string(f"{ARCH}.model_hint", "gpt2")
-    writer.add_uint32(f"{ARCH}.layer_count", len(layers))
-    for k in sorted(layers):
-        writer.add_tensor(f"direction.{k}", layers[k])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
+    with writing(path):
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer.add_string(f"{ARCH}.model_hint", "gpt2")
+        writer.add_uint32(f"{ARCH}.layer_count", len(layers))
+        for k in sorted(layers):
+            writer.add_tensor(f"direction.{k}", layers[k])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
     return path
 
 

@@ -18,6 +18,8 @@ import json
 import math
 import numbers
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,20 @@ def model_record(model: Any) -> dict[str, Any]:
         "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_mlp": cfg.d_mlp,
         "d_vocab": cfg.d_vocab, "fingerprint": weights_fingerprint(model),
     }  # fmt: skip
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Create missing parent folders (as every gpt2lab output does) and turn a failed
+    write into one line naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise GPT2LabError(f"cannot write {path}: {reason}") from None
 
 
 def texts_digest(*groups: Any) -> str:
@@ -214,8 +230,10 @@ class SteeringVector:
         meta = {"format": FORMAT, **self.meta}
         tensors = {h: d.contiguous() for h, d in self.directions.items()}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"gpt2lab": json.dumps(meta, ensure_ascii=False)})
-        tmp.replace(path)
+        header = {"gpt2lab": json.dumps(meta, ensure_ascii=False)}
+        with writing(path):
+            save_file(tensors, str(tmp), metadata=header)
+            tmp.replace(path)
         return path
 
     @classmethod
