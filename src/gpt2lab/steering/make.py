@@ -110,6 +110,27 @@ def _read(
     return {h: torch.cat(v) for h, v in out.items()}
 
 
+def _contrast(model, positive, negative, hooks, layers, site, read, batch_size, *, paired):
+    """The checked hooks and texts of a contrast, and each text set's activations there
+    ([texts, width] per hook, read at `read`); `paired`: positive[i] pairs with negative[i]."""
+    hooks = hook_names(model, hooks, layers, site)
+    positive, negative = _texts("positive", positive), _texts("negative", negative)
+    if paired:
+        if len(positive) != len(negative):
+            raise GPT2LabError(
+                f"reading vectors pair the texts: {len(positive)} positive and {len(negative)} "
+                "negative texts"
+            )
+        if len(positive) < 2:
+            raise GPT2LabError(
+                "a reading vector needs at least 2 pairs (a principal component of 1 is its difference)"
+            )
+    batch_size = integer("batch_size", batch_size, 1)
+    pos = _read(model, positive, hooks, read, batch_size)
+    neg = _read(model, negative, hooks, read, batch_size)
+    return hooks, positive, negative, pos, neg
+
+
 def _record(model, method: str, hooks, read, data, extra=None) -> dict[str, Any]:
     return {
         "method": method, "model": model_record(model), "hooks": hooks, "read": read,
@@ -160,11 +181,9 @@ def mean_difference(
     batch_size: int = 32,
 ) -> SteeringVector:
     """mean(act(positive)) - mean(act(negative)) at `read` of each text."""
-    hooks = hook_names(model, hooks, layers, site)
-    positive, negative = _texts("positive", positive), _texts("negative", negative)
-    batch_size = integer("batch_size", batch_size, 1)
-    pos = _read(model, positive, hooks, read, batch_size)
-    neg = _read(model, negative, hooks, read, batch_size)
+    hooks, positive, negative, pos, neg = _contrast(
+        model, positive, negative, hooks, layers, site, read, batch_size, paired=False
+    )
     directions = {
         h: pos[h].double().mean(0).float() - neg[h].double().mean(0).float() for h in hooks
     }
@@ -185,20 +204,9 @@ def reading_vector(
     batch_size: int = 32,
 ) -> SteeringVector:
     """RepE's reading vector from paired texts (positive[i] pairs with negative[i])."""
-    hooks = hook_names(model, hooks, layers, site)
-    positive, negative = _texts("positive", positive), _texts("negative", negative)
-    if len(positive) != len(negative):
-        raise GPT2LabError(
-            f"reading vectors pair the texts: {len(positive)} positive and {len(negative)} "
-            "negative texts"
-        )
-    if len(positive) < 2:
-        raise GPT2LabError(
-            "a reading vector needs at least 2 pairs (a principal component of 1 is its difference)"
-        )
-    batch_size = integer("batch_size", batch_size, 1)
-    pos = _read(model, positive, hooks, read, batch_size)
-    neg = _read(model, negative, hooks, read, batch_size)
+    hooks, positive, negative, pos, neg = _contrast(
+        model, positive, negative, hooks, layers, site, read, batch_size, paired=True
+    )
     directions, agreement = {}, {}
     for h in hooks:
         diffs = (pos[h] - neg[h]).double()
