@@ -8,6 +8,17 @@ import torch
 SMALL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 
 
+def pytest_configure(config):
+    """Kernel choices measured during the tests go to a cache file of this session (one
+    the test processes and their subprocesses share), not the user's."""
+    import os
+    import tempfile
+
+    if "GPT2LAB_KERNEL_CACHE" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="gpt2lab-kernels-")
+        os.environ["GPT2LAB_KERNEL_CACHE"] = os.path.join(folder, "kernels.json")
+
+
 def hf_model(seed: int = 0, **overrides):
     """A transformers GPT2LMHeadModel with random (non-trivial) weights, eager attention."""
     import transformers

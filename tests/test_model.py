@@ -115,8 +115,8 @@ def attention_f64(q, k, v, allowed, scale):
 @pytest.mark.parametrize("case", ["causal", "causal_after_cache", "shared_mask"])
 def test_bmm_attention_is_attention(case):
     # bf16 prefill on CPU runs attention as baddbmm + in-place softmax + bmm
-    # (model._bmm_attention); it must be softmax(q k^T * scale + mask) v.
-    from gpt2lab.model import _bmm_attention
+    # (kernels.attention's `bmm` candidate); it must be softmax(q k^T * scale + mask) v.
+    from gpt2lab.kernels.attention import AttnMask, _bmm
 
     gen = torch.Generator().manual_seed(3)
     B, H, T, S, dh = 2, 4, 9, 9 if case == "causal" else 14, 16
@@ -128,7 +128,8 @@ def test_bmm_attention_is_attention(case):
     else:
         allowed = causal
     with torch.inference_mode():
-        got = _bmm_attention(q, k, v, None if case != "shared_mask" else allowed, 0.25)
+        mask = AttnMask(None, True) if case == "causal" else AttnMask(allowed, False)
+        got = _bmm(q, k, v, mask, 0.25)
     ref = attention_f64(q, k, v, allowed, 0.25)
     assert got.shape == (B, H, T, dh) and got.dtype == torch.bfloat16
     err = (got.double() - ref).abs().max().item()
@@ -140,15 +141,16 @@ def test_bmm_attention_is_attention(case):
 def test_bf16_prefill_takes_bmm_attention_and_agrees_with_sdpa(pair, monkeypatch):
     # The same bf16 model with the bmm path off (torch's SDPA kernel) is the reference:
     # plain prefill, a prefill after a cached prefix, and a left-padded batch (SDPA).
-    import gpt2lab.model as model_module
+    from gpt2lab import kernels
+    from gpt2lab.kernels import attention
 
     ours, _ = pair
     half = gl.GPT2(ours.cfg)
     half.load_state_dict(ours.state_dict())
     half = half.to(torch.bfloat16)
     calls = []
-    real = model_module._bmm_attention
-    monkeypatch.setattr(model_module, "_bmm_attention", lambda *a: calls.append(1) or real(*a))
+    real = attention._bmm
+    monkeypatch.setitem(attention.CANDIDATES, "bmm", lambda *a: calls.append(1) or real(*a))
 
     def run():
         x = tokens(1, 40, seed=11)
@@ -158,11 +160,10 @@ def test_bf16_prefill_takes_bmm_attention_and_agrees_with_sdpa(pair, monkeypatch
         ids, mask = left_padded([7, 19])
         return full, chunked, half(ids, attention_mask=mask)[mask.bool()]
 
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.force("attend", "bmm"):
         fast = run()
     assert len(calls) == 3 * ours.cfg.n_layers  # full, both chunks; not the padded batch
-    monkeypatch.setattr(model_module, "BMM_ATTENTION_MAX", 0)
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.force("attend", "sdpa"):
         slow = run()
     assert len(calls) == 3 * ours.cfg.n_layers
     ref = ours(tokens(1, 40, seed=11))

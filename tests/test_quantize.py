@@ -12,10 +12,10 @@ from torch import nn
 
 from gpt2lab.checkpoint import load
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.kernels.linear import linear
 from gpt2lab.quantize import (
     Int8Linear,
     is_quantized,
-    linear,
     quantize,
     quantize_int8,
     quantize_weight,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from functools import cached_property, lru_cache, partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -26,7 +26,9 @@ from .errors import GPT2LabError
 from .hooks import HookedModule, HookPoint, hooked, where_tokens_are
 from .inputs import TOKEN_DTYPES, check_padding_side, check_prepend_bos, from_texts
 from .inputs import left_pad as left_pad  # (re-exported: older imports take it from here)
-from .quantize import linear
+from .kernels.attention import AttnMask, attend
+from .kernels.attention import scores as attention_scores
+from .kernels.linear import linear
 from .validate import check_memory, integer, show
 
 if TYPE_CHECKING:
@@ -45,14 +47,6 @@ def activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
     raise GPT2LabError(f"activation {name!r} is not supported")
-
-
-class AttnMask(NamedTuple):
-    """Which keys each query may see: a boolean tensor [batch|1, 1, query, key] (True =
-    attend), or `None` with `causal` telling whether plain causal masking applies."""
-
-    mask: torch.Tensor | None
-    causal: bool
 
 
 class Output(NamedTuple):
@@ -151,77 +145,19 @@ class LayerNorm(nn.Module):
     b = property(lambda self: self.bias)
 
 
-# Our activations that `quantize.linear` can fuse into the matmul, by HF name.
+# Our activations that `kernels.linear` can fuse into the matmul, by HF name.
 FUSABLE = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
            "gelu": "gelu_erf"}  # fmt: skip
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that runs inference on the fastest CPU kernel (`quantize.linear`),
+    """`nn.Linear` that runs inference on the fastest CPU kernel (`kernels.linear`),
     optionally followed by an activation (fused into the matmul where the kernel can)."""
+
+    fuses_act = True
 
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         return linear(x, self.weight, self.bias, act)
-
-
-# Most scores (batch x heads x queries x keys) `_bmm_attention` holds at once (64 MB in
-# bf16); bigger prefills take torch's attention kernel, which works in tiles.
-BMM_ATTENTION_MAX = 1 << 25
-
-
-def _shared_mask(mask: AttnMask) -> tuple[bool, torch.Tensor | None]:
-    """(whether every row of the batch has the same mask, that [query, key] mask or None
-    for plain causal masking)."""
-    if mask.mask is None:
-        return True, None
-    if mask.mask.dim() == 2:
-        return True, mask.mask
-    if mask.mask.shape[0] == 1:
-        return True, mask.mask[0, 0]
-    return False, None
-
-
-def _masked_scores(q, k, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q k^T * scale with -inf where `allowed` (a [query, key] mask shared by the batch;
-    None = causal) is False, as one `baddbmm` [batch * heads, query, key]: the mask is
-    added inside the matmul, not by another pass over the scores."""
-    B, H, T, dh = q.shape
-    S = k.shape[2]
-    if allowed is None:
-        bias = _future_bias(T, S, q.dtype, q.device)
-    else:
-        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~allowed, float("-inf"))
-    # A transposed key operand is ~1.5x slower in bmm than copying it first (1 MB).
-    k_t = k.reshape(B * H, S, dh).transpose(1, 2).contiguous()
-    return torch.baddbmm(bias, q.reshape(B * H, T, dh), k_t, alpha=scale)
-
-
-def _bmm_attention(q, k, v, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention as two batched matmuls, the mask added inside the first.
-
-    For bf16 prefill on CPU: torch's flash-attention kernel takes 8-9 ms per gpt2-medium
-    layer at 512 tokens here, this 5.0 ms (18% -> 11% of the whole forward), since
-    oneDNN's bf16 matmuls run near peak and the mask costs no extra pass. The scores are
-    rounded to bf16 before the softmax (which computes in float32), as in HF's eager
-    attention.
-    """
-    B, H, T, dh = q.shape
-    scores = _masked_scores(q, k, allowed, scale)
-    # In place: a second fresh buffer of scores costs page faults, as much as the matmul.
-    torch.softmax(scores, -1, out=scores)
-    return torch.bmm(scores, v.reshape(B * H, -1, dh)).view(B, H, T, dh)
-
-
-@lru_cache(maxsize=8)
-def _future_bias(T: int, S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The causal mask as an additive [T, S] bias: 0 where a query may see a key, -inf
-    where the key is later. Made once per shape (every layer of every forward asks for
-    the same one); made as a normal tensor even under inference mode, so that a later
-    forward recorded by autograd may use it too."""
-    with torch.inference_mode(False):
-        future = torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
-        return torch.zeros(T, S, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -256,31 +192,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # -> [B, H, past + T, dh]
 
-        shared, allowed = _shared_mask(mask)
-        if (
-            step_by_step or self.hook_attn_scores.fns or self.hook_pattern.fns
-        ):  # the pattern, explicitly
-            if shared:
-                scores = _masked_scores(q, k, allowed, self.scale).view(B, H, T, -1)
-            else:  # per-row masks (a left-padded batch)
-                scores = (q * self.scale) @ k.transpose(-1, -2)  # scaling q, not T x T
-                scores.masked_fill_(~mask.mask, float("-inf"))
-            scores = self.hook_attn_scores(scores)
+        if step_by_step or self.hook_attn_scores.fns or self.hook_pattern.fns:
+            scores = self.hook_attn_scores(attention_scores(q, k, mask, self.scale))
             pattern = self.hook_pattern(scores.softmax(-1))
             z = pattern @ v
-        elif shared and self._bmm_attention_fits(q, k):
-            z = _bmm_attention(q, k, v, allowed, self.scale)
-        elif T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            # One query (decoding): CPU attention in bf16 costs ~0.9 us per cached key, in
-            # float32 ~0.12 us; converting keys and values first is 4x faster at 1000 keys.
-            z = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(),
-                attn_mask=mask.mask, is_causal=mask.causal, scale=self.scale,
-            ).to(x.dtype)  # fmt: skip
-        else:
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask.mask, is_causal=mask.causal, scale=self.scale
-            )
+        else:  # the pattern is never materialised
+            z = attend(q, k, v, mask, self.scale)
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, dh]
 
         if self.hook_result.fns:  # per-head contributions to the residual stream
@@ -314,19 +231,6 @@ class Attention(nn.Module):
     )
     b_O = property(lambda self: _float(self.c_proj, "bias"))  # [d_model]
 
-    @staticmethod
-    def _bmm_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
-        """bf16 prefill on CPU, inference only, scores that fit BMM_ATTENTION_MAX: where
-        `_bmm_attention` beats torch's kernel (given one mask for the whole batch)."""
-        B, H, T, _ = q.shape
-        return (
-            T > 1
-            and q.dtype == torch.bfloat16
-            and q.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and B * H * T * k.shape[2] <= BMM_ATTENTION_MAX
-        )
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
@@ -341,7 +245,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, step_by_step: bool = False) -> torch.Tensor:
         if (
             self.fused_act
-            and isinstance(self.c_fc, Linear)
+            and getattr(self.c_fc, "fuses_act", False)
             and not (step_by_step or self.hook_pre.fns or self.hook_post.fns)
         ):  # nothing needs the pre-activations: let the matmul apply the GELU
             return self.c_proj(self.c_fc(x, act=self.fused_act))

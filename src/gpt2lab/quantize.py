@@ -1,25 +1,5 @@
-"""Fast CPU inference: the matmul kernel for each case, and int8 weight-only quantization.
-
-`linear(x, weight, bias)` is `F.linear` on the fastest kernel this CPU has when no
-gradient is needed; every linear layer of the model and the unembedding go through it.
-Decoding a token is one matrix-vector product per weight, bound by how fast the
-weights stream from memory, and `F.linear`'s default kernels fall well short of that.
-Measured on the 2-core AVX-512 machine (the 96 block weights of a gpt2-medium step):
-- float32: MKL's sgemm (what `F.linear` calls) takes 1.7-1.9x as long as oneDNN's
-  matmul on the very same [out, in] weight at 1-16 rows (73 vs 42 ms at one row; the
-  50257-row unembedding 12 vs 5 ms), and still 1.2-1.3x at hundreds of rows. So
-  float32 inference runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
-  Inductor emits for linear layers on CPU): no copy or repacking of the weights,
-  float32 accumulation in another order (results differ from MKL's in the last bits).
-- bfloat16: oneDNN, called directly (as for float32), which skips `F.linear`'s copy
-  of the bias into the output and lets the MLP's GELU run inside the matmul. One row
-  also runs on oneDNN: ATen's own bf16 GEMV was 2-2.5x faster for one row on the AMD
-  machine (17 vs 38 ms per step) but is only reachable by switching oneDNN off
-  process-wide, which changes what every other thread computes; on the Intel
-  (Sapphire Rapids) machine no torch path was faster. A native bf16 kernel chosen by
-  measurement is the way to recover that speed (see gpt2lab.kernels).
-Anything else (autograd on, other devices or dtypes, `torch.compile` tracing, no
-oneDNN, or oneDNN switched off by the user) is plain `F.linear`.
+"""Int8 weight-only quantization: the weight format, not the kernels (those, and the
+measured choice between them, are in `gpt2lab.kernels.linear`).
 
 `quantize_int8(model)` replaces the four linear layers of every block (`attn.c_attn`,
 `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) with `Int8Linear` and moves everything
@@ -36,22 +16,15 @@ Numerics
 - The scales are then stored in the compute dtype (bfloat16), which rounds each
   `s_i` by a relative 2**-9 at most: a per-row gain error, far below the bf16
   rounding of the activations themselves.
-- Activations: bfloat16. Decoding (at most KERNEL_MAX_ROWS rows, bf16/fp16 compute,
-  no autograd) runs gpt2lab's AVX-512 VNNI kernel (gpt2lab/kernels): each row of x is
-  turned into two int8 halves (16 bits over the row's range, finer than bf16), the
-  products are int8 x int8 summed in int32, then `y = s_x * s_i * sum + b` in float32
-  and rounded to bf16. It reads each weight once as one byte: ~13 ms for a
-  gpt2-medium step's block weights here, against ~18 ms for torch's kernel below.
-- Otherwise (prefill, no kernel): `y = (x @ q.T) * s + b`, computed by
-  `torch._weight_int8pack_mm(x, q, s)` (float32 accumulation inside the kernel,
-  bf16 output) plus the bias in bf16. That kernel reads 1 byte per weight, but it is
-  bound by its own int8-to-float conversion (about 9 G weights/s per core here), not
-  by memory: at one row no faster than `linear`'s bf16 GEMV over twice the bytes.
-  With float32 activations the same kernel is several times *slower* than a dense
-  float32 GEMV on CPU, so the quantized model computes in bf16; hand
-  `dtype=torch.float32` only for checks (it never takes the VNNI kernel).
-  Where torch's kernel is missing (older torch, non-CPU devices) the weight is
-  dequantized on the fly, `F.linear(x, q * s, b)`: the same function, just slower.
+- Activations: bfloat16. `Int8Linear` runs on the int8 kernel measured fastest for
+  the case (kernels/linear.py): gpt2lab's AVX-512 VNNI kernel (each row of x becomes
+  two int8 halves, 16 bits over the row's range, finer than bf16; products int8 x int8
+  summed in int32; `y = s_x * s_i * sum + b` in float32, rounded once to bf16) or
+  torch's `_weight_int8pack_mm` (float32 accumulation, bf16 output, bias added in bf16).
+  With float32 activations only torch's kernel runs: the exact path, kept for checks
+  (it is several times slower than a dense float32 GEMV on CPU). Where neither kernel
+  can take a layer (toy widths, other devices) the weight is dequantized on the fly,
+  `F.linear(x, q * s, b)`: the same function, slower.
 - The unembedding (tied to `wte`) stays bf16 (not quantized), as do the position
   embeddings and LayerNorms; logits are therefore bf16, and generation converts them
   to float32 before the softmax. (With torch's int8 kernel an int8 copy of the
@@ -66,77 +39,14 @@ on load instead) nor quantized again.
 
 from __future__ import annotations
 
-import platform
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .errors import GPT2LabError
+from .kernels.linear import int8_linear
 
 QUANTIZE_MODES = ("int8",)
-# Up to this many rows (decoding, small batches) int8 layers use the VNNI kernel of
-# gpt2lab.kernels; it reads the weights once per call, so it wins while the rows' own
-# work is small (1.4-1.7x torch's kernel at 1-8 rows here); prefill takes torch's.
-KERNEL_MAX_ROWS = 8
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-# oneDNN's matmul on a plain (unpacked) weight: measured on x86 only. A call costs ~15 us
-# more than MKL's, so small weights (a toy model's 192 x 64) stay on MKL.
-_ONEDNN = (
-    platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-ONEDNN_MIN_WEIGHT = 1 << 16
-
-
-# Activations oneDNN can apply inside the matmul, as (its post-op, its algorithm).
-FUSED_ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh"), "gelu_erf": ("gelu", "none")}
-
-
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none"
-) -> torch.Tensor:
-    """`act(F.linear(x, weight, bias))`, on the fastest CPU kernel when no gradient is
-    needed (see the module docstring); with autograd on, or anywhere else, exactly
-    `F.linear` followed by the activation.
-
-    `act` is "none" or a key of FUSED_ACTIVATIONS. On oneDNN the activation runs on the
-    float32 accumulator before the output is written: one pass less over the [rows,
-    d_mlp] output, and in bf16 one rounding less (12.7 -> 11.0 ms for gpt2-medium's
-    c_fc at 512 rows).
-    """
-    if act != "none" and act not in FUSED_ACTIVATIONS:
-        raise GPT2LabError(
-            f"linear: unknown activation {act!r} (known: {', '.join(FUSED_ACTIVATIONS)})"
-        )
-    if (
-        _ONEDNN
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and x.dtype == weight.dtype
-        and (bias is None or bias.dtype == x.dtype)
-        and torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()
-    ):
-        one_row = x.numel() == x.shape[-1]
-        if (x.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT) or (
-            x.dtype == torch.bfloat16
-        ):
-            if act == "none" or one_row:  # one row: oneDNN's fused GELU is ~6% slower
-                y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-                return _activate(y, act)
-            post_op, algorithm = FUSED_ACTIVATIONS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
-    return _activate(F.linear(x, weight, bias), act)
-
-
-def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "none":
-        return y
-    return F.gelu(y, approximate=FUSED_ACTIVATIONS[act][1])
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +56,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
-
-
-def _has_pack_mm(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
-    """Whether torch's int8 kernel can take this layer. It computes wrong results for an
-    input width that is not a multiple of 16, and crashes the process for an odd one
-    (torch 2.13, CPU): such layers (toy models) take the dequantizing path."""
-    return (
-        hasattr(torch, "_weight_int8pack_mm")
-        and device.type == "cpu"
-        and dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and in_features % 16 == 0
-    )
 
 
 class Int8Linear(nn.Module):
@@ -197,31 +95,22 @@ class Int8Linear(nn.Module):
         """The dequantized weight [out, in] (a new tensor; editing it changes nothing)."""
         return self.q_weight.to(self.scales.dtype) * self.scales[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.scales.dtype
-        x = x.to(dtype)
-        rows = x.numel() // self.in_features
-        if (
-            rows <= KERNEL_MAX_ROWS
-            and dtype in (torch.bfloat16, torch.float16)  # float32: the exact path, for checks
-            and x.device.type == "cpu"
-            and self.in_features % 64 == 0
-            and not torch.is_grad_enabled()
-            and (gemv := kernels.int8_gemv()) is not None
-        ):
-            x2 = x.reshape(rows, self.in_features).float().contiguous()
-            bias = self.bias.float() if self.bias is not None else self.q_sum.new_empty(0).float()
-            y = gemv(x2, self.q_weight, self.q_sum, self.scales.float(), bias)
-            return y.to(dtype).view(*x.shape[:-1], self.out_features)
-        if _has_pack_mm(x.device, dtype, self.in_features):
-            shape = x.shape
-            y = torch._weight_int8pack_mm(
-                x.reshape(-1, self.in_features).contiguous(), self.q_weight, self.scales
-            )
-            if self.bias is not None:
-                y += self.bias
-            return y.view(*shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+    fuses_act = True  # the MLP may hand its GELU to the kernel
+
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        return int8_linear(x.to(self.scales.dtype), self, act)
+
+    def float32_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, bias) in float32, as the native kernel takes them (bias empty when
+        there is none); made once, again if either tensor is replaced or edited."""
+        stamp = tuple(
+            (t.data_ptr(), t._version) if t is not None else None for t in (self.scales, self.bias)
+        )
+        if getattr(self, "_f32_stamp", None) != stamp:
+            bias = self.bias.float() if self.bias is not None else self.scales.new_empty(0).float()
+            self._f32 = (self.scales.float().contiguous(), bias.contiguous())
+            self._f32_stamp = stamp
+        return self._f32
 
     def extra_repr(self) -> str:
         return (

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import GPT2LabError
 from ..inputs import prompt_kind, single_token_id, to_batch
-from ..quantize import linear
+from ..kernels.linear import linear
 from ..validate import is_int
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GPT2LabError
-from ..quantize import linear
+from ..kernels.linear import linear
 from ..validate import as_list, integer, number, show, token_ids
 
 if TYPE_CHECKING:
