@@ -695,7 +695,8 @@ def load(
 ) -> GPT2:
     """Load a GPT-2 checkpoint: a directory in HF's layout, "bundled" (or None) for the
     tiny model shipped with gpt2lab, a preset (`gpt2-medium`) or an HF repo id; see
-    `resolve` for the order (an existing path wins over a name). A training run's folder
+    `resolve` for the order (an existing path wins over a name), or a GPT-2 `.gguf` file
+    (gpt2lab.gguf_io). A training run's folder
     or `.pt` checkpoint is refused with its `best/` and `final/` models named.
     `dtype` defaults to float32; "auto" keeps the file's.
 
@@ -704,6 +705,10 @@ def load(
     weights for interpretability (see gpt2lab.interp.processing; done before quantizing)."""
     if not isinstance(process, bool):
         raise GPT2LabError(f"process must be True or False, got {process!r}")
+    from .gguf_io import is_gguf, load_gguf  # a .gguf file: llama.cpp's format
+
+    if is_gguf(name_or_path):
+        return load_gguf(name_or_path, dtype, quantize, device=device, process=process)
     if quantize is not None:
         from .quantize import QUANTIZE_MODES
         from .quantize import quantize as apply_quantization

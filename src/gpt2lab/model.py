@@ -861,10 +861,22 @@ class GPT2(HookedModule):
 
         return steer(self, vector, coefficient, **how)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, format: str = "hf", dtype: str | None = None) -> None:
+        """HF's layout in `directory` (format "hf"), or one llama.cpp GGUF file at that
+        path (format "gguf", dtype "f32", "bf16" or "q8_0"; see gpt2lab.gguf_io)."""
         from .checkpoint import save
+        from .gguf_io import save_gguf
 
-        save(self, directory)
+        if format == "gguf":
+            save_gguf(self, directory, "f32" if dtype is None else dtype)
+        elif format != "hf" or dtype is not None:
+            raise GPT2LabError(
+                f"save: format must be 'hf' or 'gguf', got {format!r}"
+                if format != "hf"
+                else "save: dtype is for format='gguf'; an HF checkpoint keeps the model's dtype"
+            )
+        else:
+            save(self, directory)
 
     def process_weights(
         self,
