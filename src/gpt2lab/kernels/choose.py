@@ -210,9 +210,9 @@ class Chooser:
             return names[0]
         choice = self.choices.get(key)
         if choice is None or choice.name not in candidates:
-            with self._lock:
+            with self._lock:  # another thread may have decided it meanwhile
                 self._load()
-                choice = self._from_file.get(file_key(key))
+                choice = self.choices.get(key) or self._from_file.get(file_key(key))
                 if choice is None or choice.name not in candidates:  # (a kernel not built here)
                     choice = self.measure(candidates, weight_bytes)
                     self._save(key, choice)
