@@ -106,9 +106,21 @@ def check_output(path: str, *, folder: bool = False, option: str = "--out") -> N
 
 
 @app.command()
-def info(model: str | None = typer.Argument(None, help=MODEL_HELP)) -> None:
+def info(
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    kernels: bool = typer.Option(
+        False, "--kernels", help="show the CPU kernels chosen on this machine instead, with GB/s"
+    ),
+) -> None:
     """Sizes, parameter count, dtype and files of a model (reads headers only, not weights);
-    with no model, the bundled one."""
+    with no model, the bundled one. `--kernels`: which kernel runs each case here, each
+    candidate's measured time (`gpt2lab tune` decides them ahead of time)."""
+    if kernels:
+        from ..kernels.tune import report
+
+        for line in report():
+            typer.echo(line)
+        return
     from .. import checkpoint
     from ..config import PRESETS, GPT2Config
 
@@ -705,4 +717,4 @@ neurons_app = typer.Typer(
 app.add_typer(steer_app, name="steer")
 app.add_typer(neurons_app, name="neurons")
 
-from . import correlate, neurons, steer  # noqa: E402,F401  (they register their commands)
+from . import convert, correlate, neurons, steer, tune  # noqa: E402,F401  (they register their commands)
