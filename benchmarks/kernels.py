@@ -10,7 +10,8 @@ What it measures
   weights with bf16 activations (int8_gemv, `torch._weight_int8pack_mm`, "pack_mm").
 - GB/s = the weight's bytes / the time of one call: at a few rows the weights are
   nearly all the memory traffic, so this is the fraction of the memory's read speed a
-  kernel reaches, printed next to it (a float32 `.sum()` over 512 MB).
+  kernel reaches, printed next to it (`read`: a float32 `.sum()` over 256 MB, timed in
+  the same rounds as the kernels, since the machine's load moves it).
 - Each path cycles through enough copies of the weight (>= 256 MB) that none comes
   from cache, as in a decoding step through 24 layers.
 - Interleaved rounds (benchmarks/timing.py): each path once per round, in turn, so
@@ -44,12 +45,6 @@ SHAPES = {  # name: (out, in)
     "unembed": (50257, 1024),
 }
 STREAM_BYTES = 256 << 20
-
-
-def read_speed(rounds: int) -> float:
-    big = torch.randn(128 << 20)  # 512 MB of float32
-    big.sum()
-    return big.numel() * 4 / min(interleaved_rounds({"sum": big.sum}, rounds)["sum"]) / 1e9
 
 
 def _copies(one: torch.Tensor) -> int:
@@ -86,6 +81,8 @@ def paths(out_f: int, in_f: int, rows: int) -> dict:
     if (k := native.int8_gemv()) is not None and native.gemv_supports("int8", in_f):
         add("int8 native", lambda t, k=k: k(xbf, t[0], t[1], t[2], e32, 0), qs, q.numel())
     add("int8 pack_mm", lambda t: torch._weight_int8pack_mm(xbf, t[0], t[3]), qs, q.numel())
+    big = torch.ones(STREAM_BYTES // 4)
+    found["read"] = (big.sum, STREAM_BYTES, 1)  # the memory's read speed, same rounds
     return found
 
 
@@ -140,9 +137,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     native.f32_gemv()  # build (or load) before any timing
     start_load = os.getloadavg()[0]
-    bw = read_speed(args.rounds)
     print("# Native GEMV kernels against torch (GB/s of weights read per call)\n")
-    print(f"Memory read speed (float32 .sum() over 512 MB, best of {args.rounds}): {bw:.1f} GB/s\n")
+    print("`read`: the memory's read speed, a float32 `.sum()` over 256 MB, in the same rounds.\n")
     rows_list = [int(r) for r in args.rows.split(",")]
     results = {}
     for name, (out_f, in_f) in SHAPES.items():
@@ -162,9 +158,9 @@ def main() -> None:
         cells, reads = [], []
         for kind in ("f32", "bf16", "int8"):
             mine = r.get(f"{kind} native")
-            theirs = max(v for n, v in r.items() if n.startswith(kind) and "native" not in n)
+            theirs = max(v for n, v in r.items() if n.startswith(kind + " ") and "native" not in n)
             cells.append("-" if mine is None else f"{mine / theirs:.2f}")
-            reads.append("-" if mine is None else f"{mine / bw:.2f}")
+            reads.append("-" if mine is None else f"{mine / r['read']:.2f}")
         print(f"| {name} | {rows} | " + " | ".join(cells + reads) + " |")
     if args.prefill:
         prefill(args.rounds)
