@@ -31,7 +31,8 @@ each kernel is offered only on an x86-64 Linux CPU that reports it (a CPU with V
 but no BF16 gets the int8 kernel, and the other way round). Where the module cannot
 be built every getter returns None (one line on stderr says why, when a build was
 tried and failed) and the caller uses torch. `GPT2LAB_NATIVE_KERNELS=0` switches all
-of them off, `GPT2LAB_INT8_KERNEL=0` the int8 one; both are read once per process.
+of them off, `GPT2LAB_INT8_KERNEL=0` the int8 one; both are read by every getter
+call (the module itself is built or loaded at most once per process).
 
 Builds are serialised between processes by an `fcntl` lock of our own, which the
 operating system releases when its holder dies. torch's own build lock is a plain file
