@@ -1,7 +1,7 @@
 """Decoding benchmark: gpt2lab (fp32, bf16, int8 weights) against transformers, on CPU.
 
     python benchmarks/generate.py [--quick] [--rounds N] [--new-tokens 64] [--layers 24]
-                                  [--threads N]
+                                  [--threads N] [--llama-cpp build/llama.cpp]
 
 What it measures
 1. Batch-1 greedy decoding at gpt2-medium size: a 16-token prompt, then 64 new
@@ -24,6 +24,20 @@ What it measures
    logits' own range is printed for scale), and the greedy tokens' agreement with
    fp32; then the perplexity of an embedded public-domain English text (Hamlet,
    III.i and Sonnet 18) under the bundled, trained model in fp32, bf16 and int8.
+5. With --llama-cpp DIR (a build from scripts/build_llama_cpp.sh, or --llama-bench
+   PATH): llama.cpp at the same precision, on GGUFs written by gpt2lab's own writer
+   (gpt2lab.gguf_io) from the same weights: fp32 vs f32, bf16 vs bf16, int8 vs q8_0.
+   llama-bench (same thread count) times the same work as gpt2lab's call: prefill 16
+   tokens then decode N (`-pg 16,N`), so tok/s = N / that time on both sides; also
+   decode alone (`-p 0 -n N`) and prefill alone (`-p 16 -n 0`, against gpt2lab's
+   16-token forward with last-position logits, as llama.cpp computes), then batch 8
+   (llama-batched-bench: 8 prompts of 16, N tokens each, T_PP + T_TG) against
+   gpt2lab's batch-8 generate. llama.cpp's times are its own timers' (one repetition
+   per call, after its warm-up; process start and model load not counted), interleaved
+   with gpt2lab's rounds. Ceilings: read speed / bytes a step reads (the GGUF's tensors
+   but position_embd; q8_0 reads 34 bytes per 32 weights, token_embd included, where
+   gpt2lab int8 keeps its unembedding in bf16). On AMX CPUs with a GCC 12 build,
+   llama.cpp runs with `--repack 0` (llama.cpp #26954); the run says which.
 
 Method
 - Same weights: a randomly initialised `transformers.GPT2LMHeadModel` is written with
@@ -47,12 +61,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from llama_cpp import SAME_PRECISION, LlamaCpp, find_llama_bench, gguf_read_bytes
 from machine import print_machine
 from timing import interleaved_rounds, show_rounds
 
 import gpt2lab
 from gpt2lab.checkpoint import load  # gpt2lab.load does not pass quantize= on (yet)
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.gguf_io import save_gguf
 
 # gpt2-medium's dimensions (layers: --layers).
 N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_CTX = 24, 1024, 16, 50257, 1024
@@ -242,6 +258,101 @@ def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all
     ratio_table(times, batch * new_tokens, "transformers fp32", rate)
 
 
+# ---- llama.cpp ---------------------------------------------------------------------------
+def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
+    print(f"## 5. llama.cpp at the same precision ({llama.threads} threads both sides)\n")
+    print(f"llama.cpp: {llama.bench}; {llama.repack_note}\n")
+    with tempfile.TemporaryDirectory(prefix="gpt2lab-bench-gguf-") as tmp:
+        files = {n: save_gguf(ours["fp32"], Path(tmp) / f"bench-{k}.gguf", k)
+                 for n, k in SAME_PRECISION.items()}  # fmt: skip
+        one = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+        eight = torch.randint(
+            0, VOCAB, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(BATCH)
+        )
+        ll: dict[str, dict[str, list[float]]] = {n: {} for n in files}
+
+        def peer(name: str):
+            def run() -> None:
+                for k, t in llama.bench_times(files[name], PROMPT_LEN, new_tokens).items():
+                    ll[name].setdefault(k, []).append(t)
+
+            return run
+
+        def peer_batched(name: str):
+            def run() -> None:
+                t = llama.batched_time(files[name], PROMPT_LEN, new_tokens, BATCH)
+                ll[name].setdefault("b8", []).append(t)
+
+            return run
+
+        fns, fns8 = {}, {}
+        for n, m in ours.items():
+            fns[f"gpt2lab {n}"] = lambda m=m: m.generate(one, max_new_tokens=new_tokens,
+                                                         stop_at_eot=False)  # fmt: skip
+            fns[f"gpt2lab {n} prefill"] = lambda m=m: m(one, logits_to_keep=1)
+            fns[f"llama.cpp {SAME_PRECISION[n]}"] = peer(n)
+            fns8[f"gpt2lab {n} batch {BATCH}"] = lambda m=m: m.generate(
+                eight, max_new_tokens=new_tokens, stop_at_eot=False
+            )
+            if llama.batched is not None:
+                fns8[f"llama.cpp {SAME_PRECISION[n]} batch {BATCH}"] = peer_batched(n)
+        with torch.inference_mode():
+            for fn in [*fns.values(), *fns8.values()]:  # warm-up
+                fn()
+            ll.update({n: {} for n in files})  # the warm-up's times are not kept
+            gbps = read_bandwidth()
+            times = interleaved_rounds(fns, rounds)
+            times8 = interleaved_rounds(fns8, max(1, rounds // 2))
+            gbps = max(gbps, read_bandwidth())
+        read = {n: gguf_read_bytes(f) for n, f in files.items()}
+    for n in ours:  # llama.cpp's own timers replace the wall time of its processes
+        times[f"llama.cpp {SAME_PRECISION[n]}"] = ll[n]["pg"]
+        if llama.batched is not None:
+            times8[f"llama.cpp {SAME_PRECISION[n]} batch {BATCH}"] = ll[n]["b8"]
+    show_rounds(times)
+    show_rounds(times8)
+    for n in ours:
+        print(f"  llama.cpp {SAME_PRECISION[n]:<14} decode-only rounds (s): "
+              + " ".join(f"{t:.3f}" for t in ll[n]["tg"])
+              + "; prefill: " + " ".join(f"{t:.4f}" for t in ll[n]["pp"]))  # fmt: skip
+    print(f"\nmemory read speed {gbps:.1f} GB/s (best of before and after the rounds)\n")
+    N = new_tokens
+    print(
+        f"Batch 1: prefill {PROMPT_LEN} tokens then decode {N} (tok/s = {N} / time, best round)\n"
+    )
+    print("| precision | gpt2lab tok/s | of ceiling | llama.cpp tok/s | of ceiling "
+          "| gpt2lab / llama.cpp | llama.cpp decode only, tok/s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n, m in ours.items():
+        k = SAME_PRECISION[n]
+        ours_ts = N / min(times[f"gpt2lab {n}"])
+        theirs = N / min(ll[n]["pg"])
+        c_ours, c_theirs = gbps * 1e9 / weight_bytes(m), gbps * 1e9 / read[n]
+        print(f"| {n} / {k} | {ours_ts:.1f} | {100 * ours_ts / c_ours:.0f}% | {theirs:.1f} "
+              f"| {100 * theirs / c_theirs:.0f}% | {ours_ts / theirs:.2f} "
+              f"| {N / min(ll[n]['tg']):.1f} |")  # fmt: skip
+    print(f"\nPrefill of {PROMPT_LEN} tokens, batch 1 (tok/s = {PROMPT_LEN} / time, best round)\n")
+    print("| precision | gpt2lab tok/s | llama.cpp tok/s | gpt2lab / llama.cpp |")
+    print("|---|---:|---:|---:|")
+    for n in ours:
+        a = PROMPT_LEN / min(times[f"gpt2lab {n} prefill"])
+        b = PROMPT_LEN / min(ll[n]["pp"])
+        print(f"| {n} / {SAME_PRECISION[n]} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+    print(f"\nBatch {BATCH}: {BATCH} prompts of {PROMPT_LEN}, {N} new tokens each "
+          f"(tok/s = {BATCH * N} / time, best round)\n")  # fmt: skip
+    if llama.batched is None:
+        print("skipped: no llama-batched-bench next to llama-bench\n")
+        return
+    print("| precision | gpt2lab tok/s | llama.cpp tok/s | gpt2lab / llama.cpp |")
+    print("|---|---:|---:|---:|")
+    for n in ours:
+        k = SAME_PRECISION[n]
+        a = BATCH * N / min(times8[f"gpt2lab {n} batch {BATCH}"])
+        b = BATCH * N / min(times8[f"llama.cpp {k} batch {BATCH}"])
+        print(f"| {n} / {k} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    print()
+
+
 # ---- quality ---------------------------------------------------------------------------
 def logit_quality(ours) -> None:
     print("## 3. Quality cost on the benchmark model (random weights), 256-token input\n")
@@ -295,6 +406,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's; 1 is steadier when busy)"
     )
+    parser.add_argument(
+        "--llama-cpp",
+        "--llama-bench",
+        dest="llama",
+        metavar="DIR",
+        help="also time llama.cpp: its build folder (build/llama.cpp), bin/ or llama-bench",
+    )
     args = parser.parse_args()
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.quick else 64)
@@ -304,6 +422,7 @@ def main() -> None:
         parser.error(f"--new-tokens must be at most {N_CTX - PROMPT_LEN}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    llama = LlamaCpp(find_llama_bench(args.llama), torch.get_num_threads()) if args.llama else None
 
     load_at_start = os.getloadavg()[0]
     size = "gpt2-medium size" if args.layers == N_LAYERS else f"{args.layers}-layer gpt2-medium"
@@ -324,6 +443,10 @@ def main() -> None:
     print(f"## 2. Batch {BATCH} throughput\n")
     del hf_bf16
     decode(hf, None, ours, BATCH, new_tokens, max(1, rounds // 2), with_all=False)
+    if llama is not None:
+        del hf
+        hf = None
+        llama_section(ours, llama, new_tokens, rounds)
     logit_quality(ours)
     del hf, ours
     perplexity_quality()

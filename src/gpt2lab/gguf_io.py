@@ -32,8 +32,8 @@ most 0.062 d). The quantization is the gguf package's, bit-exact with ggml-quant
 from __future__ import annotations
 
 import json
-import struct
 import os
+import struct
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,9 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise GPT2LabError("GGUF files need the gguf package: pip install 'gpt2lab[gguf]'") from None
+        raise GPT2LabError(
+            "GGUF files need the gguf package: pip install 'gpt2lab[gguf]'"
+        ) from None
     return gguf
 
 
@@ -147,9 +149,7 @@ def save_gguf(model: Any, path: str | os.PathLike, dtype: str = "f32") -> Path:
     tensor; the file appears atomically (written under PATH.tmp, then renamed)."""
     gguf = _gguf()
     if not isinstance(dtype, str) or dtype.lower() not in SAVE_DTYPES:
-        raise GPT2LabError(
-            f"unknown GGUF dtype {dtype!r} (use f32, bf16 or q8_0)"
-        )
+        raise GPT2LabError(f"unknown GGUF dtype {dtype!r} (use f32, bf16 or q8_0)")
     type_name, file_type = SAVE_DTYPES[dtype.lower()]
     _check_savable(model)
     cfg = model.cfg
@@ -424,14 +424,18 @@ def check_tokenizer(file: GGUFFile, d_vocab: int) -> str:
     merges = _key(file, "tokenizer.ggml.merges", None)
     ours, our_merges = gpt2_vocab()
     if kind != "gpt2" or not isinstance(tokens, list) or tokens[: len(ours)] != ours:
-        first = next((i for i, (a, b) in enumerate(zip(tokens or [], ours)) if a != b), None)
+        first = next(
+            (i for i, (a, b) in enumerate(zip(tokens or [], ours, strict=False)) if a != b), None
+        )
         if kind != "gpt2":
             detail = f"a {kind!r} tokenizer"
         elif first is not None:
             detail = f"token {first} is {tokens[first]!r}, GPT-2's is {ours[first]!r}"
         else:
             detail = f"{len(tokens or [])} tokens, GPT-2 has {len(ours)}"
-        raise GPT2LabError(f"{path}: its tokenizer is not GPT-2's ({detail}); gpt2lab has GPT-2's only")
+        raise GPT2LabError(
+            f"{path}: its tokenizer is not GPT-2's ({detail}); gpt2lab has GPT-2's only"
+        )
     if merges != our_merges:
         raise GPT2LabError(f"{path}: its BPE merges are not GPT-2's; gpt2lab has GPT-2's only")
     types = _key(file, "tokenizer.ggml.token_type", [])
