@@ -81,7 +81,7 @@ def hf_model(tmp_path_factory):
     )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # LayerNorm and bias parameters away from their 1 / 0 init
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("hf") / "tiny"
@@ -325,6 +325,7 @@ def _bad_cases(model, good, tmp):
                                            reshape={"blk.0.attn_qkv.weight": (96, 128)})),
          r"blk.0.attn_qkv.weight has dims \[128, 96\], expected \[64, 192\]"),
         (lambda: save_gguf(model, tmp / "x.gguf", "q4_0"), "unknown GGUF dtype 'q4_0'"),
+        (lambda: save_gguf(model, tmp), f"cannot write {tmp}"),  # a folder
         (lambda: gpt2lab.load(good, dtype="int4"), "unknown dtype 'int4'"),
         (lambda: gpt2lab.load(good, quantize="int4"), "unknown quantization 'int4'"),
         (lambda: save_gguf(gpt2lab.load(good, quantize="int8"), tmp / "y.gguf"),

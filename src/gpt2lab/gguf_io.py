@@ -170,7 +170,7 @@ def save_gguf(model: Any, path: str | os.PathLike, dtype: str = "f32") -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer = gguf.GGUFWriter(str(tmp), ARCH)  # opens nothing until write_header_to_file
         try:
             writer.add_name(str(getattr(model, "model_name", None) or "gpt2lab model"))
             writer.add_block_count(cfg.n_layers)
