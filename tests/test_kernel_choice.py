@@ -26,7 +26,7 @@ from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels import attention, choose
 from gpt2lab.kernels import linear as klinear
 from gpt2lab.kernels.choose import ROUNDS, Chooser, row_bucket
-from gpt2lab.quantize import Int8Linear
+from gpt2lab.quantize import Int8Linear, quantize_weight
 
 
 class FakeClock:
@@ -348,3 +348,28 @@ def test_native_kernel_choice_survives_a_cpu_without_it(tmp_path, monkeypatch):
         y = klinear.linear(x, w, b)
     assert kernels.chooser().choices[key].name in ("aten", "onednn")
     np.testing.assert_allclose(y.numpy(), F.linear(x, w, b).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_int8_unembedding_follows_edits_of_the_tied_embedding(small_ckpt):
+    from gpt2lab.checkpoint import load
+
+    model = load(small_ckpt, quantize="int8")
+    tokens = torch.tensor([[464, 3139, 286, 4881, 318]])
+    W = model.wte.weight
+    with torch.inference_mode(), kernels.force("dense_or_int8", "int8"):
+        before = model(tokens)
+        with torch.no_grad():
+            W[100:200] *= -1  # an in-place edit of W_E (and so of the tied W_U)
+        after = model(tokens)
+    # the int8 copy was made again: logits for the edited tokens flip with the rows
+    # (|w| and so each row's int8 scale are unchanged by a sign flip: exactly negated)
+    assert torch.equal(after[..., 100:200], -before[..., 100:200])
+    assert torch.equal(after[..., 200:], before[..., 200:])
+    # and the int8 unembedding is the per-row int8 product (float64 reference)
+    q, s = (t.double() for t in quantize_weight(W))
+    with torch.inference_mode():
+        h = model.ln_final(model(tokens, stop_at_layer=model.cfg.n_layers))
+        with kernels.force("dense_or_int8", "int8"):
+            got = model.unembed(h, W).double()
+    ref = h.double() @ (q * s[:, None]).T
+    assert (got - ref).abs().max() <= 2**-7 * ref.abs().max() + 1e-2

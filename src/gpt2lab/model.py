@@ -310,13 +310,14 @@ class Unembed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.weight: nn.Parameter | None = None
+        self.int8_copy = None  # int8 models: a quantized copy of the weight (quantize.Int8Copy)
         self.bias: nn.Parameter | None = None
         self.hook_in = HookPoint()  # [batch, pos, d_model]
         self.hook_out = HookPoint()  # [batch, pos, d_vocab]
 
     def forward(self, x: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
         weight = tied if self.weight is None else self.weight
-        return self.hook_out(linear(self.hook_in(x), weight, self.bias))
+        return self.hook_out(linear(self.hook_in(x), weight, self.bias, int8=self.int8_copy))
 
     # ---- TransformerLens' W_U / b_U ---------------------------------------------------
     # While tied, W_U is a view of the model's wte.weight (the owning GPT2 binds

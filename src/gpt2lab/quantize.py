@@ -25,11 +25,11 @@ Numerics
   (it is several times slower than a dense float32 GEMV on CPU). Where neither kernel
   can take a layer (toy widths, other devices) the weight is dequantized on the fly,
   `F.linear(x, q * s, b)`: the same function, slower.
-- The unembedding (tied to `wte`) stays bf16 (not quantized), as do the position
-  embeddings and LayerNorms; logits are therefore bf16, and generation converts them
-  to float32 before the softmax. (With torch's int8 kernel an int8 copy of the
-  unembedding decoded no faster, 3.2 vs 3.3 ms per token, for 51 MB more memory;
-  with the VNNI kernel it might save ~1 ms per token: not done.)
+- The unembedding (tied to `wte`) reads 103 MB of bf16 weights per token, a quarter of
+  an int8 gpt2-medium step: an int8 copy of it (`Int8Copy`, +51 MB) is a candidate
+  next to the bf16 product, and the faster one runs per row bucket (measured, see
+  kernels/linear.py). The token and position embeddings and LayerNorms stay bf16;
+  logits are bf16, and generation converts them to float32 before the softmax.
 
 Hook points live in the blocks, not in the linear modules, so every hook still
 fires; `c_attn.weight` and friends (and so `W_Q`, `W_O`, `hook_result`, ...) return
@@ -103,9 +103,7 @@ class Int8Linear(nn.Module):
     def float32_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales, bias) in float32, as the native kernel takes them (bias empty when
         there is none); made once, again if either tensor is replaced or edited."""
-        stamp = tuple(
-            (t.data_ptr(), t._version) if t is not None else None for t in (self.scales, self.bias)
-        )
+        stamp = tuple(_stamp(t) for t in (self.scales, self.bias))
         if getattr(self, "_f32_stamp", None) != stamp:
             bias = self.bias.float() if self.bias is not None else self.scales.new_empty(0).float()
             self._f32 = (self.scales.float().contiguous(), bias.contiguous())
@@ -139,7 +137,40 @@ def quantize_int8(model, dtype: torch.dtype = torch.bfloat16):
                 raise GPT2LabError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
             setattr(parent, attr, Int8Linear.from_linear(linear, dtype))
     model.to(dtype)  # embeddings, LayerNorms; int8 buffers keep their dtype
+    model.unembed.int8_copy = Int8Copy()
     return model
+
+
+def _stamp(t: torch.Tensor | None) -> tuple | None:
+    """What changes when a tensor is replaced or edited in place (inference-mode tensors
+    keep no version counter: those are only edited inside inference mode, by no one)."""
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:
+        version = -1
+    return (t.data_ptr(), version, tuple(t.shape))
+
+
+class Int8Copy:
+    """An int8 copy of a weight owned elsewhere: the unembedding, tied to the token
+    embedding (which must stay float for the lookup). Made on first use and again
+    whenever the source weight is replaced or edited in place (its version counter
+    moves), so an edit of W_E or W_U is never silently ignored."""
+
+    def __init__(self) -> None:
+        self.layer: Int8Linear | None = None
+        self.stamp: tuple | None = None
+
+    def of(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        stamp = tuple(_stamp(t) for t in (weight, bias))
+        if stamp != self.stamp:
+            with torch.inference_mode(False):  # plain tensors, whichever mode calls first
+                q, scales = quantize_weight(weight)
+                self.layer = Int8Linear(q, scales, bias, weight.dtype)
+            self.stamp = stamp
+        return self.layer
 
 
 def quantize(model, mode: str | None, dtype: torch.dtype | None = None):

@@ -141,7 +141,7 @@ class Chooser:
         self.clock = clock or time.perf_counter
         self.choices: dict[tuple, Choice] = {}  # decided in this process (or checked)
         self._from_file: dict[str, Choice] = {}  # read, not yet checked against candidates
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a candidate may itself pick (int8 copy vs dense)
         self._loaded = False
         self._machine = machine_key()
 

@@ -126,16 +126,25 @@ def _fast_case(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+    *,
+    int8=None,
 ) -> torch.Tensor:
     """`act(F.linear(x, weight, bias))` on the kernel measured fastest for this case (see
-    the module docstring); `act` is "none" or a key of FUSED_ACTIVATIONS."""
+    the module docstring); `act` is "none" or a key of FUSED_ACTIVATIONS. `int8`: a
+    `quantize.Int8Copy` of `weight` that may run instead, where measured faster (an
+    int8 model's unembedding)."""
     if act != "none" and act not in FUSED_ACTIVATIONS:
         raise GPT2LabError(
             f"linear: unknown activation {act!r} (known: {', '.join(FUSED_ACTIVATIONS)})"
         )
     if not _fast_case(x, weight, bias):
         return _aten(x, weight, bias, act)
+    if int8 is not None:
+        return _dense_or_int8(x, weight, bias, act, int8)
     dtype = "float32" if x.dtype == torch.float32 else str(x.dtype).removeprefix("torch.")
     if weight.numel() < SMALL_WEIGHT and forced_for("linear", dtype) is None:
         small = _onednn if x.dtype == torch.bfloat16 and _onednn_usable() else _aten
@@ -162,6 +171,22 @@ def _decided(key: tuple, op: str, dtype: str) -> str | None:
         return None
     choice = chooser().choices.get(key)
     return None if choice is None else choice.name
+
+
+def _dense_or_int8(x, weight, bias, act, int8) -> torch.Tensor:
+    """The product on `weight` itself or on its int8 copy, whichever is faster here."""
+    dtype = str(x.dtype).removeprefix("torch.")
+    N, K = weight.shape
+    key = ("dense_or_int8", dtype, row_bucket(x.numel() // K), N, K, act)
+    runs = {
+        "dense": lambda: linear(x, weight, bias, act),
+        "int8": lambda: int8_linear(x, int8.of(weight, bias), act),
+    }
+    name = _decided(key, "dense_or_int8", dtype)
+    if name is None:
+        name = chooser().pick(key, runs, op="dense_or_int8", dtype=dtype,
+                              weight_bytes=weight.numel() * weight.element_size())  # fmt: skip
+    return runs[name]()
 
 
 # ---- int8 weights ---------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Where a batch-1 decoding step spends its time outside the weight reads.
+
+    python benchmarks/decode_overhead.py [--layers 24] [--rounds 20] [--dtypes float32,bfloat16,int8]
+
+A decode step reads every weight once; everything else (LayerNorms, attention over the
+cache, residual adds, the KV-cache write, Python between the ops) is overhead that no
+faster matmul removes. For each dtype this times, interleaved, best of N:
+- `step`: one `model(token, cache=cache)` call at gpt2-medium size (random weights),
+  after a 16-token prompt, logits for the last token (what generation runs);
+- `matmuls`: the same linear / int8 calls alone, on the same kernels the step chose,
+  with 1-row inputs: the weight reads;
+and prints `step - matmuls` = the per-token overhead in ms, with its share of the step.
+A `torch.profiler` table of the step's top ops (self CPU time) follows, to say where the
+overhead goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from machine import print_machine
+
+import gpt2lab
+from gpt2lab.config import GPT2Config
+from gpt2lab.quantize import quantize
+
+
+def build(layers: int, dtype: str) -> gpt2lab.GPT2:
+    cfg = GPT2Config.preset("gpt2-medium").replace(n_layers=layers) if layers != 24 else (
+        GPT2Config.preset("gpt2-medium"))  # fmt: skip
+    model = gpt2lab.GPT2(cfg).init_weights(seed=0).eval()
+    if dtype == "int8":
+        return quantize(model, "int8")
+    return model.to(getattr(torch, dtype))
+
+
+def step_runner(model):
+    prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    token = prompt[:, -1:]
+
+    def run():
+        cache = model.new_cache(1, 18)
+        model(prompt, cache=cache, logits_to_keep=1)
+        start = time.perf_counter()
+        model(token, cache=cache, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    return run
+
+
+def matmul_runner(model):
+    """The step's weight reads alone: every block linear (int8 or dense) and the
+    unembedding on one row, as the step calls them."""
+    layers = []
+    for block in model.blocks:
+        layers += [
+            (block.attn.c_attn, "none"), (block.attn.c_proj, "none"),
+            (block.mlp.c_fc, block.mlp.fused_act or "none"), (block.mlp.c_proj, "none"),
+        ]  # fmt: skip
+    dtype = model.wte.weight.dtype
+    wte = model.wte.weight
+    xs = {n: torch.randn(1, 1, n).to(dtype) for n in {model.cfg.d_model, model.cfg.d_mlp}}
+
+    def run():
+        start = time.perf_counter()
+        for layer, act in layers:
+            layer(xs[layer.in_features], act=act)
+        gpt2lab.kernels.linear.linear(xs[model.cfg.d_model], wte)
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import gpt2lab.kernels.linear  # noqa: F401
+
+    dtypes = args.dtypes.split(",")
+    models = {d: build(args.layers, d) for d in dtypes}
+    runs = {}
+    for d, m in models.items():
+        runs[f"{d} step"] = step_runner(m)
+        runs[f"{d} matmuls"] = matmul_runner(m)
+    best = {k: float("inf") for k in runs}
+    with torch.inference_mode():
+        for run in runs.values():  # warm-up: kernels built and chosen
+            run()
+            run()
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                best[name] = min(best[name], run())
+    print_machine(f"gpt2-medium shapes, {args.layers} layers, best of {args.rounds} interleaved rounds")
+    print("\n## Per-token time outside the weight reads (batch 1, 17th token)\n")
+    print("| dtype | step ms | matmuls ms | overhead ms | overhead share |")
+    print("|---|---:|---:|---:|---:|")
+    for d in dtypes:
+        step, mm = best[f"{d} step"] * 1e3, best[f"{d} matmuls"] * 1e3
+        print(f"| {d} | {step:.2f} | {mm:.2f} | {step - mm:.2f} | {(step - mm) / step:.0%} |")
+    if args.no_profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    for d in dtypes:
+        run = runs[f"{d} step"]
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                run()
+        print(f"\n## {d}: top ops of 5 steps (prompt + token each), by self CPU time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+if __name__ == "__main__":
+    main()
