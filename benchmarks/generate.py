@@ -443,13 +443,12 @@ def main() -> None:
     print(f"## 2. Batch {BATCH} throughput\n")
     del hf_bf16
     decode(hf, None, ours, BATCH, new_tokens, max(1, rounds // 2), with_all=False)
-    if llama is not None:
-        del hf
-        hf = None
-        llama_section(ours, llama, new_tokens, rounds)
     logit_quality(ours)
-    del hf, ours
+    del hf
     perplexity_quality()
+    if llama is not None:
+        llama_section(ours, llama, new_tokens, rounds)
+    del ours
     print_machine(f"load average (1 min) at start: {load_at_start:.2f}")
 
 
