@@ -39,7 +39,7 @@ class FakeClock:
         return self.now
 
     def runner(self, name: str):
-        def run():
+        def run(copy):
             self.calls.append(name)
             self.now += self.costs[name].pop(0)
 
@@ -89,7 +89,7 @@ def test_answers_are_kept_in_the_cache_file_per_machine(tmp_path):
     assert data[machine]["linear:bfloat16:1:64:32:none"]["name"] == "onednn"
 
     # a new process (a new chooser) reads the answer: nothing runs
-    never = {"aten": lambda: pytest.fail("timed again"), "onednn": lambda: pytest.fail("timed")}
+    never = {"aten": lambda i: pytest.fail("timed again"), "onednn": lambda i: pytest.fail("timed")}
     c2 = Chooser(path, clock=FakeClock({}))
     assert c2.pick(key, never, op="linear", dtype="bf") == "onednn"
     assert c2.choices[key].source == "cache file"
@@ -124,14 +124,14 @@ def test_an_unwritable_cache_costs_only_a_measurement(tmp_path):
     clock = FakeClock({"a": [1, 1, 1, 1], "b": [1, 2, 2, 2]})
     c = Chooser(blocker / "kernels.json", clock=clock)  # its folder is a file
     assert c.pick(("k",), {n: clock.runner(n) for n in "ab"}, op="x", dtype="y") == "a"
-    again = {"a": lambda: pytest.fail("timed"), "b": lambda: pytest.fail("timed")}
+    again = {"a": lambda i: pytest.fail("timed"), "b": lambda i: pytest.fail("timed")}
     assert c.pick(("k",), again, op="x", dtype="y") == "a"  # kept in the process
 
 
 def test_a_failing_candidate_is_dropped_and_none_left_is_an_error(tmp_path):
     clock = FakeClock({"slow": [1, 5, 5, 5]})
 
-    def broken():
+    def broken(copy):
         raise RuntimeError("cannot take this shape")
 
     c = Chooser(tmp_path / "k.json", clock=clock)
@@ -147,7 +147,7 @@ def test_one_thread_measures_while_the_others_wait(tmp_path):
     gate = threading.Barrier(8)
 
     def runner(name):
-        def run():
+        def run(copy):
             count[name] += 1
 
         return run
@@ -170,7 +170,7 @@ def test_one_thread_measures_while_the_others_wait(tmp_path):
 def test_forcing_is_scoped_to_the_block_and_thread(tmp_path, monkeypatch):
     c = Chooser(tmp_path / "k.json", clock=FakeClock({}))
     c.choices[("k",)] = choose.Choice("a", {"a": 1.0, "b": 2.0})
-    runs = {"a": lambda: None, "b": lambda: None}
+    runs = {"a": lambda i: None, "b": lambda i: None}
     seen = []
     with kernels.force("linear", "b"):
         assert c.pick(("k",), runs, op="linear", dtype="float32") == "b"
@@ -186,12 +186,38 @@ def test_forcing_is_scoped_to_the_block_and_thread(tmp_path, monkeypatch):
     assert seen == ["a"]  # the other thread was not forced
     assert c.pick(("k",), runs, op="linear", dtype="float32") == "a"
     monkeypatch.setenv("GPT2LAB_KERNELS", "attend=b, linear.float32=b")
+    c.choices[("k16",)] = choose.Choice("a", {"a": 1.0, "b": 2.0})
+    assert c.pick(("k16",), runs, op="linear", dtype="bfloat16") == "a"
     assert c.pick(("k",), runs, op="linear", dtype="float32") == "b"
-    assert c.pick(("k",), runs, op="linear", dtype="bfloat16") == "a"
+    assert c.choices[("k",)].source.startswith("forced")  # kept for the process
+    monkeypatch.delenv("GPT2LAB_KERNELS")
+    assert c.pick(("k",), runs, op="linear", dtype="float32") == "b"  # read when decided
     for bad in ("linear", "linear=", "=native", "a=b,,c"):
         monkeypatch.setenv("GPT2LAB_KERNELS", bad)
         with pytest.raises(GPT2LabError, match="GPT2LAB_KERNELS"):
             c.pick(("k",), runs, op="linear", dtype="float32")
+
+
+def test_a_timed_run_goes_over_copies_totalling_twice_the_cache(tmp_path):
+    from pathlib import Path
+
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        text = (index / "size").read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 1024, "M": 1 << 20}[text[-1]])
+    budget = choose.cache_budget()
+    assert budget >= min(2 * max(sizes, default=0), 512 << 20) and budget >= 32 << 20
+    assert choose.copies_for(budget * 3) == 1 and choose.copies_for(1) == 64
+    assert choose.copies_for(budget // 5) == 5 + (budget % 5 != 0)  # (rounded up)
+    # each timed run goes over every copy; the time kept is per copy
+    clock = FakeClock({"a": [1] * 20, "b": [2] * 20})
+    c = Chooser(tmp_path / "k.json", clock=clock)
+    runs = {n: clock.runner(n) for n in "ab"}
+    seen = []
+    runs = {n: (lambda i, r=runs[n]: seen.append(i) or r(i)) for n in "ab"}
+    assert c.pick(("k",), runs, op="x", dtype="y", copies=3) == "a"
+    assert seen == [0, 0] + [0, 1, 2] * 2 * ROUNDS
+    assert c.choices[("k",)].seconds == {"a": 1.0, "b": 2.0}
 
 
 @pytest.mark.parametrize(

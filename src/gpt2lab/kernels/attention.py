@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .choose import chooser, forced_for, row_bucket
+from .choose import chooser, forced_for, forced_in_block, row_bucket
 
 # Most scores (batch x heads x queries x keys) `bmm` holds at once (64 MB in bf16);
 # bigger prefills take torch's kernel, which works in tiles.
@@ -142,14 +142,14 @@ def attend(
         return _sdpa(q, k, v, mask, scale)
     B, H, T, dh = q.shape
     S = k.shape[2]
-    forced = forced_for("attend", "bfloat16")
-    if B * H * T * S < SMALL and forced is None:
+    forced = forced_in_block("attend", "bfloat16")
+    if B * H * T * S < SMALL and forced is None and forced_for("attend", "bfloat16") is None:
         return CANDIDATES[names[-1]](q, k, v, mask, scale)
     key = ("attend", "bfloat16", row_bucket(B * H), row_bucket(T), row_bucket(S), dh)
     choice = None if forced else chooser().choices.get(key)
     name = choice.name if choice is not None and choice.name in names else None
     if name is None:
-        runs = {n: (lambda fn=CANDIDATES[n]: fn(q, k, v, mask, scale)) for n in names}
+        runs = {n: (lambda i, fn=CANDIDATES[n]: fn(q, k, v, mask, scale)) for n in names}
         kv_bytes = 2 * k.numel() * k.element_size()
         name = chooser().pick(key, runs, op="attend", dtype="bfloat16", weight_bytes=kv_bytes)
     return CANDIDATES[name](q, k, v, mask, scale)

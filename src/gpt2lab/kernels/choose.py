@@ -7,7 +7,12 @@ an Intel Sapphire Rapids, where oneDNN's bf16 prefill then wins through AMX. So 
 case, a *key* such as `linear:bfloat16:1:4096:1024:none` (op, dtype, row bucket, weight
 shape, fused activation), is decided once by measurement:
 on first use every candidate runs on the call's own inputs, interleaved, a few times,
-and the fastest by its best time wins (noise only ever adds time). The answer is kept
+and the fastest by its best time wins (noise only ever adds time). A timed run of a
+memory-bound case (a few rows) goes over copies of the weight totalling twice the
+last-level cache, back to back, as decoding reads one weight after another: timing one
+warm weight (4-12 MB fit in a 32 MB L3) picks the kernel fastest on cached data, and
+flushing the cache before each run charges the kernel for a cold start that a decode
+step, streaming weight after weight, does not pay. The answer is kept
 for the process and written to a cache file keyed by the CPU model, its flags, the
 thread count and the torch version (`~/.cache/gpt2lab/kernels.json`, or
 `$GPT2LAB_KERNEL_CACHE`), so later processes time nothing. `gpt2lab tune` fills it ahead
@@ -120,12 +125,24 @@ def force(what: str, name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def forced_for(op: str, dtype: str) -> str | None:
-    """The candidate forced for (op, dtype) by `force` blocks (innermost first) or the
-    environment, or None."""
-    for what, name in reversed(_forced.get()):
+def forced_in_block(op: str, dtype: str) -> str | None:
+    """The candidate forced for (op, dtype) by the innermost `force` block, or None.
+    Cheap when there is none (every call asks)."""
+    blocks = _forced.get()
+    if not blocks:
+        return None
+    for what, name in reversed(blocks):
         if what in (op, f"{op}.{dtype}"):
             return name
+    return None
+
+
+def forced_for(op: str, dtype: str) -> str | None:
+    """The candidate forced for (op, dtype) by `force` blocks or, failing those, by the
+    environment (GPT2LAB_KERNELS), or None."""
+    name = forced_in_block(op, dtype)
+    if name is not None:
+        return name
     env = _forced_by_env()
     return env.get(f"{op}.{dtype}") or env.get(op)
 
@@ -193,18 +210,24 @@ class Chooser:
     def pick(
         self,
         key: tuple,
-        candidates: dict[str, Callable[[], object]],
+        candidates: dict[str, Callable[[int], object]],
         *,
         op: str,
         dtype: str,
         weight_bytes: int = 0,
+        copies: int = 1,
     ) -> str:
-        """The candidate to run for `key`. `candidates` maps names to zero-argument
-        callables running the case on the call's inputs (results discarded); the first
-        candidate is the reference, used when nothing else can run."""
+        """The candidate to run for `key`. `candidates` maps names to callables running
+        the case on the call's inputs (results discarded), given which of `copies`
+        copies of the weight to use (0 = the weight itself); the first candidate is the
+        reference, used when nothing else can run."""
         names = list(candidates)
-        forced = forced_for(op, dtype)
+        forced = forced_in_block(op, dtype)
         if forced is not None and forced in candidates:
+            return forced  # (for this call only)
+        forced = forced_for(op, dtype)
+        if forced is not None and forced in candidates:  # by the environment: kept
+            self.choices[key] = Choice(forced, {}, weight_bytes, "forced by GPT2LAB_KERNELS")
             return forced
         if len(names) == 1:
             return names[0]
@@ -214,18 +237,21 @@ class Chooser:
                 self._load()
                 choice = self.choices.get(key) or self._from_file.get(file_key(key))
                 if choice is None or choice.name not in candidates:  # (a kernel not built here)
-                    choice = self.measure(candidates, weight_bytes)
+                    choice = self.measure(candidates, weight_bytes, copies)
                     self._save(key, choice)
                 self.choices[key] = choice
         return choice.name
 
-    def measure(self, candidates: dict[str, Callable[[], object]], weight_bytes: int = 0) -> Choice:
+    def measure(
+        self, candidates: dict[str, Callable[[int], object]], weight_bytes: int = 0, copies: int = 1
+    ) -> Choice:
         """Time every candidate: one untimed run each (which also drops any that fail on
-        this case), then ROUNDS interleaved timed runs; the fastest best time wins."""
+        this case), then ROUNDS interleaved timed runs, each over all `copies`; the
+        fastest best time (per copy) wins."""
         alive = {}
         for name, run in candidates.items():
             try:
-                run()
+                run(0)
                 alive[name] = run
             except Exception:  # a kernel that cannot take this case is no candidate
                 continue
@@ -235,10 +261,33 @@ class Chooser:
         for _ in range(ROUNDS):
             for name, run in alive.items():
                 start = self.clock()
-                run()
-                best[name] = min(best[name], self.clock() - start)
+                for copy in range(copies):
+                    run(copy)
+                best[name] = min(best[name], (self.clock() - start) / copies)
         winner = min(best, key=lambda name: (best[name], list(alive).index(name)))
         return Choice(winner, best, weight_bytes)
+
+
+@lru_cache(maxsize=1)
+def cache_budget() -> int:
+    """Twice the largest CPU cache (from sysfs; 32 MB if unknown), within 32-512 MB."""
+    size = 32 << 20
+    folder = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in folder.glob("index*"):
+            text = (index / "size").read_text().strip().upper()
+            factor = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            size = max(size, int(text.rstrip("KM")) * factor)
+    except (OSError, ValueError):
+        pass
+    return min(max(2 * size, 32 << 20), 512 << 20)
+
+
+def copies_for(weight_bytes: int) -> int:
+    """How many copies of a weight a timed run goes over: twice the cache in all, at
+    most 64 (one copy for a weight already that big)."""
+    budget = cache_budget()
+    return max(1, min(64, -(-budget // max(weight_bytes, 1))))
 
 
 def file_key(key: tuple) -> str:

@@ -34,16 +34,19 @@ conversion); where neither can take the case, the weight is dequantized on the f
 
 from __future__ import annotations
 
+import copy
 import platform
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import GPT2LabError
 from . import native
-from .choose import chooser, forced_for, row_bucket
+from .choose import chooser, copies_for, forced_for, forced_in_block, row_bucket
 
 SMALL_WEIGHT = 1 << 16
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 NATIVE_MAX_ROWS = 16  # a matrix-vector kernel: past this the GEMMs win, no need to time it
 
 _ONEDNN = (
@@ -78,8 +81,15 @@ def _onednn_fused(x, weight, bias, act):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
 
 
+@lru_cache(maxsize=None)
+def _gemv(kind: str):
+    """native's kernel `kind` (or None), looked up once per process: the getter reads two
+    environment switches (~4 us), and a decode step calls ~100 kernels."""
+    return getattr(native, f"{kind}_gemv")()
+
+
 def _native(x, weight, bias, act):
-    gemv = native.f32_gemv() if x.dtype == torch.float32 else native.bf16_gemv()
+    gemv = _gemv("f32") if x.dtype == torch.float32 else _gemv("bf16")
     K = x.shape[-1]
     b = bias if bias is not None else x.new_empty(0)
     y = gemv(x.reshape(-1, K).contiguous(), weight, b, NATIVE_ACT[act])
@@ -87,8 +97,8 @@ def _native(x, weight, bias, act):
 
 
 def _native_supports(kind: str, in_features: int) -> bool:
-    supports = getattr(native, "gemv_supports", None)
-    return supports is not None and supports(kind, in_features)
+    """Whether native kernel `kind` takes this width and runs here (built on first ask)."""
+    return native.gemv_supports(kind, in_features) and _gemv(kind) is not None
 
 
 CANDIDATES = {"aten": _aten, "onednn": _onednn, "onednn_fused": _onednn_fused, "native": _native}
@@ -145,7 +155,7 @@ def linear(
         return _aten(x, weight, bias, act)
     if int8 is not None:
         return _dense_or_int8(x, weight, bias, act, int8)
-    dtype = "float32" if x.dtype == torch.float32 else str(x.dtype).removeprefix("torch.")
+    dtype = DTYPE_NAMES.get(x.dtype) or str(x.dtype).removeprefix("torch.")
     if weight.numel() < SMALL_WEIGHT and forced_for("linear", dtype) is None:
         small = _onednn if x.dtype == torch.bfloat16 and _onednn_usable() else _aten
         return small(x, weight, bias, act)
@@ -153,21 +163,29 @@ def linear(
     key = ("linear", dtype, row_bucket(x.numel() // K), N, K, act)
     name = _decided(key, "linear", dtype)
     if name is None:
-        runs = {n: _bound(CANDIDATES[n], x, weight, bias, act) for n in candidates(x, weight, act)}
-        name = chooser().pick(
-            key, runs, op="linear", dtype=dtype, weight_bytes=weight.numel() * weight.element_size()
-        )
+        nbytes = weight.numel() * weight.element_size()
+        weights = _copies(weight, nbytes, key[2])
+        runs = {n: _bound(CANDIDATES[n], x, weights, bias, act) for n in candidates(x, weight, act)}
+        name = chooser().pick(key, runs, op="linear", dtype=dtype, weight_bytes=nbytes,
+                              copies=len(weights))  # fmt: skip
     return CANDIDATES[name](x, weight, bias, act)
 
 
-def _bound(fn, *args):
-    return lambda: fn(*args)
+def _copies(weight, nbytes: int, rows: int) -> list:
+    """The weight and, for a memory-bound case (few rows), copies of it to time over (see
+    choose.py: as decoding streams one weight after another, never a cached one)."""
+    n = copies_for(nbytes) if rows <= NATIVE_MAX_ROWS else 1
+    return [weight] + [copy.deepcopy(weight) for _ in range(n - 1)]
+
+
+def _bound(fn, x, weights, *rest):
+    return lambda i: fn(x, weights[i], *rest)
 
 
 def _decided(key: tuple, op: str, dtype: str) -> str | None:
     """The answer without building candidates, when one is already known (the common
     case: every call after the first of its kind); None to decide now."""
-    if forced_for(op, dtype) is not None:
+    if forced_in_block(op, dtype) is not None:
         return None
     choice = chooser().choices.get(key)
     return None if choice is None else choice.name
@@ -175,18 +193,18 @@ def _decided(key: tuple, op: str, dtype: str) -> str | None:
 
 def _dense_or_int8(x, weight, bias, act, int8) -> torch.Tensor:
     """The product on `weight` itself or on its int8 copy, whichever is faster here."""
-    dtype = str(x.dtype).removeprefix("torch.")
+    dtype = DTYPE_NAMES.get(x.dtype) or str(x.dtype).removeprefix("torch.")
     N, K = weight.shape
     key = ("dense_or_int8", dtype, row_bucket(x.numel() // K), N, K, act)
     runs = {
-        "dense": lambda: linear(x, weight, bias, act),
-        "int8": lambda: int8_linear(x, int8.of(weight, bias), act),
+        "dense": lambda i: linear(x, weight, bias, act),
+        "int8": lambda i: int8_linear(x, int8.of(weight, bias), act),
     }
     name = _decided(key, "dense_or_int8", dtype)
-    if name is None:
+    if name is None:  # (the unembedding: bigger than any cache, so no copies needed)
         name = chooser().pick(key, runs, op="dense_or_int8", dtype=dtype,
                               weight_bytes=weight.numel() * weight.element_size())  # fmt: skip
-    return runs[name]()
+    return runs[name](0)
 
 
 # ---- int8 weights ---------------------------------------------------------------------
@@ -212,7 +230,7 @@ def _int8_torch(x, layer, act):
 
 def _int8_native(x, layer, act):
     scales, bias = layer.float32_params()
-    y = native.int8_gemv()(
+    y = _gemv("int8")(
         x.reshape(-1, layer.in_features).contiguous(), layer.q_weight, layer.q_sum, scales,
         bias, NATIVE_ACT[act],
     )  # fmt: skip
@@ -247,11 +265,13 @@ def int8_linear(x: torch.Tensor, layer, act: str = "none") -> torch.Tensor:
     names = int8_candidates(x, layer)
     if len(names) == 1:
         return INT8_CANDIDATES[names[0]](x, layer, act)
-    dtype = str(x.dtype).removeprefix("torch.")
+    dtype = DTYPE_NAMES.get(x.dtype) or str(x.dtype).removeprefix("torch.")
     N, K = layer.out_features, layer.in_features
     key = ("int8", dtype, row_bucket(x.numel() // K), N, K, act)
     name = _decided(key, "int8", dtype)
     if name is None or name not in names:
-        runs = {n: _bound(INT8_CANDIDATES[n], x, layer, act) for n in names}
-        name = chooser().pick(key, runs, op="int8", dtype=dtype, weight_bytes=N * K)
+        layers = _copies(layer, N * K, key[2])
+        runs = {n: _bound(INT8_CANDIDATES[n], x, layers, act) for n in names}
+        name = chooser().pick(key, runs, op="int8", dtype=dtype, weight_bytes=N * K,
+                              copies=len(layers))  # fmt: skip
     return INT8_CANDIDATES[name](x, layer, act)
