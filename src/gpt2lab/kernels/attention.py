@@ -14,6 +14,8 @@ them explicitly with `scores` (below). Candidates, on CPU at inference:
 - `sdpa_f32` (bf16, one query: decoding): keys and values converted to float32 first.
   CPU attention for one query costs ~0.9 us per cached key in bf16, ~0.12 us in float32:
   4x faster at 1000 keys on the AMD EPYC, conversion included.
+- `math` (one query, float32 or bf16): two matmuls and a softmax in float32, without
+  the flash kernel's ~55 us set-up per call (which a 24-layer step pays 24 times).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from .choose import chooser, forced_for, forced_in_block, row_bucket
 # bigger prefills take torch's kernel, which works in tiles.
 BMM_MAX = 1 << 25
 # Cases under this many scores (toy models, the first tokens) are not timed: they take
-# the candidate that wins at gpt2-medium size on both CPUs measured (`sdpa_f32` for one
-# query, `bmm` for prefill); the difference there is microseconds.
+# the last candidate (`math` for one query, `bmm` for bf16 prefill); the difference
+# there is microseconds.
 SMALL = 1 << 14
 
 
@@ -104,6 +106,19 @@ def _sdpa_f32(q, k, v, mask, scale):
     return _sdpa(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
 
 
+def _math(q, k, v, mask, scale):
+    """One query (decoding): two small matmuls and a softmax, in float32. torch's
+    flash-attention kernel costs ~55 us a call at a few dozen keys (its set-up, not its
+    arithmetic), ~2.5 ms of a 24-layer decode step."""
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if mask.mask is not None:
+        scores.masked_fill_(~mask.mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v).to(dtype)
+
+
 def _bmm(q, k, v, mask, scale):
     B, H, T, dh = q.shape
     s = _masked_scores(q, k, shared_mask(mask)[1], scale)
@@ -112,21 +127,23 @@ def _bmm(q, k, v, mask, scale):
     return torch.bmm(s, v.reshape(B * H, -1, dh)).view(B, H, T, dh)
 
 
-CANDIDATES = {"sdpa": _sdpa, "sdpa_f32": _sdpa_f32, "bmm": _bmm}
+CANDIDATES = {"sdpa": _sdpa, "sdpa_f32": _sdpa_f32, "math": _math, "bmm": _bmm}
 
 
 def candidates(q: torch.Tensor, k: torch.Tensor, mask: AttnMask) -> list[str]:
     """The kernels that can take this case, `sdpa` (the reference) first."""
     if (
         q.device.type != "cpu"
-        or q.dtype != torch.bfloat16
+        or q.dtype not in (torch.bfloat16, torch.float32)
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
     ):
         return ["sdpa"]
     B, H, T, _ = q.shape
     if T == 1:
-        return ["sdpa", "sdpa_f32"]
+        return ["sdpa", "math"] if q.dtype == torch.float32 else ["sdpa", "sdpa_f32", "math"]
+    if q.dtype != torch.bfloat16:
+        return ["sdpa"]
     if shared_mask(mask)[0] and B * H * T * k.shape[2] <= BMM_MAX:
         return ["sdpa", "bmm"]
     return ["sdpa"]
@@ -142,14 +159,15 @@ def attend(
         return _sdpa(q, k, v, mask, scale)
     B, H, T, dh = q.shape
     S = k.shape[2]
-    forced = forced_in_block("attend", "bfloat16")
-    if B * H * T * S < SMALL and forced is None and forced_for("attend", "bfloat16") is None:
+    dtype = "bfloat16" if q.dtype == torch.bfloat16 else "float32"
+    forced = forced_in_block("attend", dtype)
+    if B * H * T * S < SMALL and forced is None and forced_for("attend", dtype) is None:
         return CANDIDATES[names[-1]](q, k, v, mask, scale)
-    key = ("attend", "bfloat16", row_bucket(B * H), row_bucket(T), row_bucket(S), dh)
+    key = ("attend", dtype, row_bucket(B * H), row_bucket(T), row_bucket(S), dh)
     choice = None if forced else chooser().choices.get(key)
     name = choice.name if choice is not None and choice.name in names else None
     if name is None:
         runs = {n: (lambda i, fn=CANDIDATES[n]: fn(q, k, v, mask, scale)) for n in names}
         kv_bytes = 2 * k.numel() * k.element_size()
-        name = chooser().pick(key, runs, op="attend", dtype="bfloat16", weight_bytes=kv_bytes)
+        name = chooser().pick(key, runs, op="attend", dtype=dtype, weight_bytes=kv_bytes)
     return CANDIDATES[name](q, k, v, mask, scale)
