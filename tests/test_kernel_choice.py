@@ -403,3 +403,20 @@ def test_the_int8_unembedding_follows_edits_of_the_tied_embedding(small_ckpt):
             got = model.unembed(h, W).double()
     ref = h.double() @ (q * s[:, None]).T
     assert (got - ref).abs().max() <= 2**-7 * ref.abs().max() + 1e-2
+
+
+def test_an_answer_measured_on_a_busy_machine_is_not_kept_in_the_file(tmp_path):
+    class Busy(Chooser):
+        def cpu_share(self, wall, cpu):  # other processes had half the cores
+            return 0.5
+
+    path = tmp_path / "k.json"
+    clock = FakeClock({"a": [1, 2, 2, 2], "b": [1, 1, 1, 1]})
+    c = Busy(path, clock=clock)
+    assert c.pick(("k",), {n: clock.runner(n) for n in "ab"}, op="x", dtype="y") == "b"
+    assert "under load (50% CPU)" in c.choices[("k",)].source
+    assert not path.exists()  # used by this process, not written for later ones
+    # the real share: a quiet, memory-bound kernel keeps its threads busy
+    real = Chooser(tmp_path / "r.json")
+    assert real.cpu_share(2.0, 2.0 * torch.get_num_threads()) == 1.0
+    assert real.cpu_share(2.0, 1.0 * torch.get_num_threads()) == 0.5

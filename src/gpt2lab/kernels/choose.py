@@ -14,7 +14,9 @@ warm weight (4-12 MB fit in a 32 MB L3) picks the kernel fastest on cached data,
 flushing the cache before each run charges the kernel for a cold start that a decode
 step, streaming weight after weight, does not pay. The answer is kept
 for the process and written to a cache file keyed by the CPU model, its flags, the
-thread count and the torch version (`~/.cache/gpt2lab/kernels.json`, or
+thread count and the torch version (unless the machine was busy while measuring: then
+this process's CPU time falls well short of its threads' wall time, the answer is
+noise, and only this process uses it) (`~/.cache/gpt2lab/kernels.json`, or
 `$GPT2LAB_KERNEL_CACHE`), so later processes time nothing. `gpt2lab tune` fills it ahead
 of time; `gpt2lab info --kernels` shows the choices with their measured GB/s.
 
@@ -47,6 +49,9 @@ import torch
 from ..errors import GPT2LabError
 
 ROUNDS = 3  # timed runs per candidate (after one untimed warm-up), interleaved
+# A measurement made while this process had less than this share of its threads' CPU
+# time (other processes running) is used by this process but not written to the file.
+QUIET_SHARE = 0.7
 _forced: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
     "gpt2lab_forced_kernels", default=()
 )
@@ -238,7 +243,8 @@ class Chooser:
                 choice = self.choices.get(key) or self._from_file.get(file_key(key))
                 if choice is None or choice.name not in candidates:  # (a kernel not built here)
                     choice = self.measure(candidates, weight_bytes, copies)
-                    self._save(key, choice)
+                    if choice.source == "measured":  # under load: this process only
+                        self._save(key, choice)
                 self.choices[key] = choice
         return choice.name
 
@@ -258,6 +264,7 @@ class Chooser:
         if not alive:
             raise GPT2LabError("no kernel could run this case")
         best = {name: float("inf") for name in alive}
+        wall, cpu = self.clock(), time.process_time()
         for _ in range(ROUNDS):
             for name, run in alive.items():
                 start = self.clock()
@@ -265,7 +272,17 @@ class Chooser:
                     run(copy)
                 best[name] = min(best[name], (self.clock() - start) / copies)
         winner = min(best, key=lambda name: (best[name], list(alive).index(name)))
-        return Choice(winner, best, weight_bytes)
+        share = self.cpu_share(self.clock() - wall, time.process_time() - cpu)
+        source = "measured" if share >= QUIET_SHARE else f"measured under load ({share:.0%} CPU)"
+        return Choice(winner, best, weight_bytes, source)
+
+    def cpu_share(self, wall: float, cpu: float) -> float:
+        """The share of the cores this process had while measuring: kernels keep their
+        threads busy (waiting on memory included), so anything well under 1 means other
+        processes took the cores, and every candidate's time is theirs too."""
+        if self.clock is not time.perf_counter or wall <= 0:
+            return 1.0  # (a test's fake clock)
+        return cpu / (wall * max(torch.get_num_threads(), 1))
 
 
 @lru_cache(maxsize=1)
