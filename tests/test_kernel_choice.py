@@ -351,13 +351,18 @@ def test_tune_and_info_show_the_choices(tmp_path):
     lines = out.stdout.strip().splitlines()
     # gpt2's five weights at one row, the MLP's first also with its GELU fused
     assert len(lines) == 6 and all(" -> " in ln and "GB/s" in ln for ln in lines), lines
-    data = json.loads((tmp_path / "k.json").read_text())
-    (entries,) = data.values()
-    assert {"linear:bfloat16:1:2304:768:none", "linear:bfloat16:1:50257:768:none"} <= set(entries)
+    keys = {ln.split()[0] for ln in lines}
+    assert {"linear:bfloat16:1:2304:768:none", "linear:bfloat16:1:50257:768:none"} <= keys
+    # written to the file unless measured while other processes took the cores
+    kept = {ln.split()[0] for ln in lines if ln.endswith("; measured)")}
+    assert all(ln.endswith("; measured)") or "under load" in ln for ln in lines), lines
+    path = tmp_path / "k.json"
+    entries = next(iter(json.loads(path.read_text()).values())) if path.exists() else {}
+    assert set(entries) == kept
     info = subprocess.run([*cmd, "info", "--kernels"], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
     assert info.returncode == 0, info.stderr
-    assert "linear:bfloat16:1:50257:768:none" in info.stdout and "machine" in info.stdout
+    assert "machine" in info.stdout and all(k in info.stdout for k in kept)
     for bad in (["--rows", "x"], ["--rows", "0"], ["--dtypes", "fp8"]):
         res = subprocess.run([*cmd, "tune", *bad], capture_output=True, text=True, env=env,
                              timeout=600)  # fmt: skip
