@@ -247,6 +247,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # (moved out of the default suite: several seconds)
 def test_two_gloo_processes_equal_one(models, tokens, tmp_path):
     a, b = models
     one = correlate(a, b, tokens, seq_len=SEQ, batch_size=2, memory_gb=0.0002)

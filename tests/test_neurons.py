@@ -220,6 +220,7 @@ def test_resume_equals_uninterrupted(model, corpus, tmp_path):
     assert all(torch.equal(saved.tensors[k], t) for k, t in whole.tensors.items())
 
 
+@pytest.mark.slow  # (moved out of the default suite: several seconds)
 def test_killed_cli_run_resumes_to_the_uninterrupted_result(model, corpus, tmp_path):
     """A real interruption: the CLI process is killed (SIGKILL) once a checkpoint exists,
     then `--resume` finishes; the result equals an uninterrupted API run."""
@@ -262,6 +263,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # (moved out of the default suite: several seconds)
 def test_two_gloo_processes_equal_one(model, corpus, tmp_path):
     run = {**RUN, "hooks": HOOKS[:2]}
     one = neuron_stats(model, corpus, **run)

@@ -196,6 +196,7 @@ NEGATIVE_WORDS = ("hate hated death dead die dies kill killed blood bloody murde
                   "tears weep curse cursed foul villain fear").split()  # fmt: skip
 
 
+@pytest.mark.slow  # (moved out of the default suite: several seconds)
 def test_love_hate_vector_moves_word_counts_and_random_does_not():
     """A mean-difference love/hate vector at blocks.1.hook_resid_pre, coefficient +-2, 50
     seeded samples (2 prompts x 25, 24 tokens). With D = positive - negative count:
