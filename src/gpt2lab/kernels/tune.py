@@ -37,7 +37,7 @@ def tune(
     """Decide every (dtype, rows, weight) case of a model with config `cfg` anew (answers
     from earlier runs are measured again: tune on an idle machine); returns the cases
     with their choices."""
-    from ..quantize import Int8Linear
+    from ..quantize import Int8Copy, Int8Linear
 
     dtypes, rows = list(dtypes), sorted(set(rows))
     bad = [d for d in dtypes if d not in DTYPES]
@@ -67,6 +67,9 @@ def tune(
                         if layer is not None:
                             layer(x, act)
                             key = ("int8", "bfloat16", row_bucket(n), out, inp, act)
+                        elif dtype == "int8":  # the int8 model's unembedding: bf16 or a copy
+                            linear(x, w, b, act, int8=Int8Copy())
+                            key = ("dense_or_int8", "bfloat16", row_bucket(n), out, inp, act)
                         else:
                             linear(x, w, b, act)
                             key = ("linear", str(compute).removeprefix("torch."), row_bucket(n),
