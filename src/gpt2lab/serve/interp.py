@@ -34,6 +34,7 @@ from ..errors import GPT2LabError, one_line
 from ..interp.lens import logit_lens, prompt_tokens
 from ..interp.patching import ALIASES, SITES, patch_prompts
 from ..interp.vocab_space import value_tokens
+from ..steering import actadd
 from ..validate import show
 
 MAX_LENS_K = 10  # tokens per lens cell
@@ -49,15 +50,21 @@ DIGITS = 6  # probabilities and weights are rounded to 1e-6
 class BadRequest(Exception):
     """A request the route refuses: becomes a 400 with an OpenAI-style body."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, status: int = 400
+    ):
         super().__init__(message)
-        self.message, self.param, self.code = message, param, code
+        self.message, self.param, self.code, self.status = message, param, code, status
 
 
-def error_response(message: str, param: str | None = None, code: str | None = None) -> Response:
-    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}, status 400."""
-    body = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=400)
+def error_response(
+    message: str, param: str | None = None, code: str | None = None, status: int = 400
+) -> Response:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}; 400s are
+    invalid_request_error, a 503 (no model yet) server_error."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status)
 
 
 # what a field of several types wants, for errors about it
@@ -106,7 +113,7 @@ class InterpRoute(APIRoute):
             except RequestValidationError as e:
                 return _validation_error(e)
             except BadRequest as e:
-                return error_response(e.message, e.param, e.code)
+                return error_response(e.message, e.param, e.code, e.status)
             except GPT2LabError as e:
                 return error_response(one_line(e, 300))
 
@@ -147,6 +154,12 @@ class NeuronBody(PromptBody):
     vocab_k: StrictInt = Field(5, ge=1, le=MAX_VOCAB_K)
 
 
+class SteeringBody(_Body):
+    positive: StrictStr
+    negative: StrictStr
+    hook: StrictStr | None = Field(None, description="default: the middle layer's resid_pre")
+
+
 class PatchBody(_Body):
     clean: StrictStr
     corrupted: StrictStr
@@ -159,7 +172,9 @@ class PatchBody(_Body):
 def _model(request: Request) -> Any:
     model = getattr(request.app.state, "model", None)
     if model is None:
-        raise BadRequest("the model is not loaded yet", code="model_not_ready")
+        raise BadRequest(
+            "the model is still loading; try again shortly", None, "model_not_ready", 503
+        )
     return model
 
 
@@ -423,6 +438,25 @@ def patching(body: PatchBody, request: Request) -> dict[str, Any]:
     }
 
 
+def steering_vector(body: SteeringBody, request: Request) -> dict[str, Any]:
+    """An ActAdd steering vector (steering.actadd: act(positive) - act(negative) at each
+    position) for the page's playground, which sends it back inline in a completion's
+    `steering` ({"hook", "values", "coefficient"})."""
+    model = _model(request)
+    hook = body.hook or f"blocks.{model.cfg.n_layers // 2}.hook_resid_pre"
+    limit = prompt_limit(request, model)
+    for param in ("positive", "negative"):
+        tokens_of(request, model, getattr(body, param), False, limit=limit, param=param)
+    vector = actadd(model, body.positive, body.negative, hooks=hook)
+    values = vector.directions[hook]
+    return {
+        "hook": hook,
+        "method": "actadd",
+        "shape": list(values.shape),
+        "values": values.tolist(),
+    }
+
+
 def router() -> APIRouter:
     """The inspection routes, to mount under /v1/interp. Handlers are plain functions, so
     FastAPI runs them in its thread pool and the event loop keeps serving meanwhile."""
@@ -433,6 +467,7 @@ def router() -> APIRouter:
     r.add_api_route("/lens", lens, methods=["POST"], summary="logit / tuned lens grid")
     r.add_api_route("/attention", attention, methods=["POST"], summary="attention pattern")
     r.add_api_route("/neurons", neurons, methods=["POST"], summary="top neurons at a position")
+    r.add_api_route("/steering_vector", steering_vector, methods=["POST"], summary="ActAdd vector")
     r.add_api_route("/patching", patching, methods=["POST"], summary="activation patching")
     return r
 
