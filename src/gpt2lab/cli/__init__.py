@@ -718,3 +718,4 @@ app.add_typer(steer_app, name="steer")
 app.add_typer(neurons_app, name="neurons")
 
 from . import convert, correlate, neurons, steer, tune  # noqa: E402,F401  (they register their commands)
+from . import serve  # noqa: E402,F401  (`gpt2lab serve`: registers itself on app)

@@ -48,10 +48,12 @@ def create_app(
     settings: ServeSettings | None = None,
     *,
     loader: Callable[[], Any] | None = None,
+    on_load_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app over `model`, or over what `loader()` returns, called in a background
     thread (GET /health answers 503 until it returns; every model route too). Steering
-    vectors (settings.steering_dir) and the tuned lens are loaded with the model."""
+    vectors (settings.steering_dir) and the tuned lens are loaded with the model; a
+    failure there is reported by /health and passed to `on_load_error` (one line)."""
     settings = settings or ServeSettings()
     if (model is None) == (loader is None):
         raise GPT2LabError("create_app takes a model or a loader, not both or neither")
@@ -103,6 +105,8 @@ def create_app(
                 _ready(app, loader())
             except Exception as e:  # noqa: BLE001 - reported by /health, not a crash
                 state.load_error = one_line(e) or type(e).__name__
+                if on_load_error is not None:
+                    on_load_error(state.load_error)
 
         threading.Thread(target=load, name="gpt2lab-load", daemon=True).start()
     return app

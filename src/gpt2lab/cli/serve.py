@@ -1,0 +1,119 @@
+"""`gpt2lab serve`: the OpenAI-compatible HTTP API (and explorer page) over one model.
+
+The port is bound at once and the model loads in the background (GET /health answers
+503 until it is ready); a model that fails to load stops the server with the usual
+one-line error. What can be checked without loading (the model's name, the folders
+given) is checked before anything starts."""
+
+from __future__ import annotations
+
+import typer
+
+from . import MODEL_HELP, app, threads_option, use_threads
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32, bfloat16, float16 or int8 (int8 weights, bf16 compute)"
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="address to listen on (loopback only unless told otherwise)"
+    ),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one)"),
+    served_name: str | None = typer.Option(
+        None, "--served-name", help="the model name requests give (default: --model, or bundled)"
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="rows decoded together"),
+    one_at_a_time: bool = typer.Option(
+        False, "--one-at-a-time", help="serve one request at a time (no continuous batching)"
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="GPT2LAB_API_KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 and /metrics (or $GPT2LAB_API_KEY)",
+    ),  # fmt: skip
+    steering_dir: str | None = typer.Option(
+        None, "--steering-dir", help="folder of steering vectors that requests name by file stem"
+    ),
+    tuned_lens: str | None = typer.Option(
+        None, "--tuned-lens", help="tuned lens folder (from `gpt2lab lens-train`) for /v1/interp"
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests waiting; more: 429"),
+    max_prompt_tokens: int = typer.Option(
+        1024, "--max-prompt-tokens", min=1, help="tokens per prompt (at most the context)"
+    ),
+    max_tokens_cap: int = typer.Option(
+        512, "--max-tokens-cap", min=1, help="the largest max_tokens a request may ask for"
+    ),
+    max_choices: int = typer.Option(32, "--max-choices", min=1, help="prompts x n per request"),
+    max_body_bytes: int = typer.Option(
+        1_000_000, "--max-body-bytes", min=1, help="largest request body; more: 413"
+    ),
+    max_streams: int = typer.Option(
+        16, "--max-streams", min=1, help="concurrent streaming responses; more: 429"
+    ),
+    request_timeout: float = typer.Option(
+        300.0, "--request-timeout", min=0.001, help="seconds a request may take; then 503"
+    ),
+    threads: int | None = threads_option(),
+) -> None:
+    """Serve the model over HTTP: OpenAI's /v1/completions (with gpt2lab's decoder options
+    and steering), /v1/models, /v1/tokenize, /v1/detokenize, /v1/interp/..., /health,
+    /metrics and the explorer page at /."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from .. import checkpoint
+    from ..errors import GPT2LabError, one_line
+    from ..serve import ServeSettings, create_app
+
+    use_threads(threads)
+    if dtype not in ("float32", "bfloat16", "float16", "int8"):
+        raise GPT2LabError(f"--dtype must be float32, bfloat16, float16 or int8, got {dtype!r}")
+    checkpoint.resolve(model)  # a wrong name fails now, not after the port is bound
+    for option, path in (("--steering-dir", steering_dir), ("--tuned-lens", tuned_lens)):
+        if path is not None and not Path(path).exists():
+            raise GPT2LabError(f"{option} {path} does not exist")
+    settings = ServeSettings(
+        host=host, port=port, api_key=api_key, model_name=served_name or model or "bundled",
+        max_batch=max_batch, max_queue=max_queue, continuous=not one_at_a_time,
+        max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap,
+        max_choices=max_choices, max_body_bytes=max_body_bytes, max_streams=max_streams,
+        request_timeout=request_timeout, steering_dir=steering_dir, tuned_lens=tuned_lens,
+    )  # fmt: skip
+    if host not in LOOPBACK and api_key is None:
+        typer.echo(
+            f"gpt2lab: warning: listening on {host} without --api-key: anyone who can reach "
+            "this address can use the model",
+            err=True,
+        )
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def load():
+        from ..checkpoint import load as load_model
+
+        if dtype == "int8":
+            return load_model(model, device=device, quantize="int8")
+        return load_model(model, dtype=dtype, device=device)
+
+    def failed(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    application = create_app(None, settings, loader=load, on_load_error=failed)
+    config = uvicorn.Config(application, host=host, port=port, log_level="info")
+    server = uvicorn.Server(config)
+    if failure:  # failed before the server existed
+        raise GPT2LabError(failure[0])
+    server.run()
+    if failure:
+        raise GPT2LabError(one_line(failure[0]))
