@@ -186,7 +186,7 @@ class GPT2LabLM(LM):
 
     # ---- generation --------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .generation.generate import _generate_loop, _pad_lengths, _settings
+        from .generation import GenerationConfig, generate_tokens
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}  # requests with the same options run as batches
@@ -195,6 +195,7 @@ class GPT2LabLM(LM):
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
         for members in groups.values():
             options, max_new = self._generation_options(requests[members[0]].args[1])
+            config = GenerationConfig.from_options(**options)
             budget = self.max_length - max_new
             if budget < 1:
                 raise GPT2LabError(
@@ -210,9 +211,7 @@ class GPT2LabLM(LM):
                 tokens, mask = left_pad(rows, self.eot)
                 tokens = tokens.to(self.device)
                 mask = None if bool(mask.all()) else mask.to(self.device)
-                s = _settings(self.model, tokens.shape[1], dict(options), _pad_lengths(mask))
-                with torch.inference_mode():
-                    result = _generate_loop(self.model, tokens, mask, s)
+                result = generate_tokens(self.model, tokens, mask, config)
                 for i, text in zip(chunk, result.texts, strict=True):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

@@ -12,7 +12,6 @@ dispatches to them.
 from __future__ import annotations
 
 import contextvars
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,33 +22,16 @@ import torch
 from ..errors import GPT2LabError
 from ..inputs import prompt_kind, to_batch
 from ..validate import (
-    as_list,
     boolean,
     check_memory,
     integer,
-    is_int,
-    number,
-    seed,
     show,
     token_ids,
 )
-from .processors import build_pipeline
+from .config import BEAM_OPTIONS, GenerationConfig, wants_beams
 
 if TYPE_CHECKING:
     from ..model import GPT2
-
-SAMPLING_OPTIONS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-# The values of the sampling options that change nothing (what beam search accepts).
-SAMPLING_NO_OPS = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                   "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}  # fmt: skip
-# transformers' beam options at their defaults: accepted without beams, as the no-ops they
-# are there; any other value needs beam search (num_beams > 1).
-BEAM_DEFAULTS = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
-                 "length_penalty": 1.0, "diversity_penalty": 0.0, "early_stopping": False}  # fmt: skip
-# Other transformers options that gpt2lab accepts at their defaults only.
-OTHER_DEFAULTS = {"use_cache": True, "output_scores": False, "output_logits": False,
-                  "output_attentions": False, "output_hidden_states": False,
-                  "return_dict_in_generate": False}  # fmt: skip
 
 
 @dataclass
@@ -94,7 +76,7 @@ def _pad_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 @dataclass
 class _Settings:
-    """The validated options of one generate() call."""
+    """A config resolved against a model and a prompt: what the decoding loop reads."""
 
     max_new_tokens: int
     sample: bool
@@ -102,124 +84,23 @@ class _Settings:
     stop_ids: set[int]
     stop_strings: list[str]
     max_time: float | None
-    seed: int | None
+    seeds: list[int]  # one per row (sampling)
     penalty_alpha: float = 0.0  # > 0: contrastive search with `top_k` candidates
     top_k: int = 0
 
 
-def _settings(
-    model: GPT2, prompt_len: int, opts: dict[str, Any], pad_lengths: torch.Tensor | None = None
-) -> _Settings:
-    """Validate the options; `pad_lengths` [rows]: left padding, kept out of penalties."""
-    max_new_tokens = integer("max_new_tokens", opts.pop("max_new_tokens", 32), 1)
-    _accept_defaults(model, opts)
-    penalty_alpha, contrastive_k = _contrastive_options(model, opts)
-    temperature = opts.pop("temperature", None)
-    if temperature is not None:
-        temperature = number("temperature", temperature, 0)
-    do_sample = opts.pop("do_sample", None)
-    if temperature == 0:
-        sample = False  # temperature 0 means greedy, whatever else is set
-    elif do_sample is not None:
-        sample = boolean("do_sample", do_sample)
-    else:
-        sample = temperature is not None or any(opts.get(k) is not None for k in SAMPLING_OPTIONS)
-    eot = model.tokenizer.eot_token
-    stop_ids = _stop_ids(model, opts.pop("stop_token_ids", None))
-    if boolean("stop_at_eot", opts.pop("stop_at_eot", True)):
-        stop_ids.add(eot)
-    stop_strings = _stop_strings(opts.pop("stop", None))
-    bad_words = opts.pop("bad_words", None)
-    if bad_words is not None:
-        opts["bad_words_ids"] = _bad_words(model, bad_words)
-    max_time = _max_time(opts.pop("max_time", None))
-    seed_value = seed(opts.pop("seed", None))
-    processing = {
-        k: opts.pop(k)
-        for k in (
-            *SAMPLING_OPTIONS,
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-            "no_repeat_ngram_size",
-            "bad_words_ids",
-            "min_new_tokens",
-        )
-        if k in opts
-    }
-    if opts:
-        raise GPT2LabError(f"unknown generation option {sorted(opts, key=str)[0]!r}")
-    if not sample:  # warpers only reshape the distribution a sampler draws from
-        for k in SAMPLING_OPTIONS:
-            processing.pop(k, None)
-    pipeline = build_pipeline(
-        temperature=temperature if sample else None,
-        prompt_len=prompt_len,
-        eos_token_id=eot,
-        pad_lengths=pad_lengths,
-        **processing,
-    )
-    _check_vocab(model, processing.get("bad_words_ids"))
-    if prompt_len + max_new_tokens > model.cfg.n_ctx:
-        raise GPT2LabError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"context of {model.cfg.n_ctx}"
-        )
+def resolve(
+    model: GPT2, config: GenerationConfig, prompt_len: int, rows: int,
+    pad_lengths: torch.Tensor | None = None,
+) -> _Settings:  # fmt: skip
+    """Check `config` against the model and a prompt of `prompt_len` columns; `pad_lengths`
+    [rows]: left padding, kept out of penalties."""
+    config.check(model, prompt_len)
     return _Settings(
-        max_new_tokens, sample, pipeline, stop_ids, stop_strings, max_time, seed_value,
-        penalty_alpha, contrastive_k,
+        config.max_new_tokens, config.sample, config.processors(model, prompt_len, pad_lengths),
+        config.stop_ids(model), list(config.stop), config.max_time, config.row_seeds(rows),
+        config.penalty_alpha or 0.0, config.top_k or 0 if config.penalty_alpha else 0,
     )  # fmt: skip
-
-
-def _accept_defaults(model: GPT2, opts: dict[str, Any]) -> None:
-    """Pop transformers' options that change nothing at the values given: the beam options
-    at their defaults (other values need num_beams > 1), output switches at theirs, and
-    `pad_token_id` / `eos_token_id` as HF GPT-2 code passes them (padding never shows in
-    gpt2lab's outputs; the end token is <|endoftext|>)."""
-    for key, default in BEAM_DEFAULTS.items():
-        value = opts.pop(key, None)  # None means the default, as in transformers
-        if value is None:
-            continue
-        if key == "num_beams":
-            integer("num_beams", value, 1)
-        if _same(value, default):
-            continue
-        if key == "num_return_sequences":  # transformers would sample several per prompt
-            raise GPT2LabError(
-                f"num_return_sequences={show(value)}: gpt2lab supports num_return_sequences "
-                "only with beam search (num_beams > 1); for several samples of one prompt, "
-                "pass it several times in a list of prompts or call generate again with "
-                "other seeds"
-            )
-        raise GPT2LabError(
-            f"{key}={show(value)} needs beam search (num_beams > 1); without beams only "
-            f"{key}={default!r} is accepted"
-        )
-    for key, default in OTHER_DEFAULTS.items():
-        value = opts.pop(key, None)
-        if value is not None and not _same(value, default):
-            raise GPT2LabError(f"{key} is not supported other than at its default, {default!r}")
-    pad = opts.pop("pad_token_id", None)
-    if pad is not None:
-        integer("pad_token_id", pad, 0, model.cfg.d_vocab - 1)
-    eos = opts.pop("eos_token_id", None)
-    if eos is not None:
-        if token_ids("eos_token_id", eos, model.cfg.d_vocab, allow_one=True) != [
-            model.tokenizer.eot_token
-        ]:
-            raise GPT2LabError(
-                "eos_token_id other than <|endoftext|> is not supported; pass stop_token_ids "
-                "to end on other tokens"
-            )
-
-
-def _same(value: Any, default: Any) -> bool:
-    """`value` equals `default` and has its kind (True is not 1, 1.0 is not the int 1)."""
-    if isinstance(default, bool):
-        return isinstance(value, bool) and value == default
-    if isinstance(default, int):
-        return is_int(value) and value == default
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
 
 
 def end_ids(model: GPT2, name: str, value: Any) -> list[int]:
@@ -228,64 +109,6 @@ def end_ids(model: GPT2, name: str, value: Any) -> list[int]:
     if value is None:
         return []
     return token_ids(name, value, model.cfg.d_vocab, allow_one=True, allow_empty=True)
-
-
-def _stop_ids(model: GPT2, value: Any) -> set[int]:
-    return set(end_ids(model, "stop_token_ids", value))
-
-
-def _stop_strings(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    strings = [stop] if isinstance(stop, str) else stop
-    if not isinstance(strings, (list, tuple)) or any(
-        not isinstance(s, str) or not s for s in strings
-    ):
-        raise GPT2LabError(
-            f"stop must be a non-empty string or a list of non-empty strings, got {show(stop)}"
-        )
-    return list(strings)
-
-
-def _bad_words(model: GPT2, bad_words: Any) -> list[list[int]]:
-    """`bad_words` as token sequences to ban: a string is one word (encoded as given, so
-    " word" bans the word after a space); otherwise any iterable (a list, tuple, set...)
-    of words, each a string or an iterable of token ids."""
-    words = [bad_words] if isinstance(bad_words, str) else as_list(bad_words)
-    if not words:
-        raise GPT2LabError(
-            "bad_words must be a string or a non-empty list of strings and lists of token "
-            f"ids, got {show(bad_words)}"
-        )
-    out = []
-    for word in words:
-        if isinstance(word, str):
-            ids = model.tokenizer.encode(word)
-            if not ids:
-                raise GPT2LabError("bad_words holds an empty string: give each word some text")
-        else:
-            ids = token_ids("each of bad_words", word, model.cfg.d_vocab)
-        out.append(ids)
-    return out
-
-
-def _check_vocab(model: GPT2, sequences: Any) -> None:
-    """Banned token ids must exist (BannedSequences itself only learns the vocabulary
-    size at the first step, too late to say so before decoding starts)."""
-    if sequences:
-        top = max(t for seq in sequences for t in seq)
-        if top >= model.cfg.d_vocab:
-            raise GPT2LabError(
-                f"bad_words_ids contains token id {top}, outside the vocabulary of "
-                f"{model.cfg.d_vocab}"
-            )
-
-
-def _max_time(value: Any) -> float | None:
-    """A time limit in seconds (> 0; infinity means none)."""
-    if value is None or (isinstance(value, float) and value == math.inf):
-        return None
-    return number("max_time", value, 0, low_open=True)
 
 
 def check_decoding_memory(
@@ -314,32 +137,6 @@ def check_decoding_memory(
     check_memory(what, rows * per_row, model.device, hint=hint)
 
 
-def _contrastive_options(model: GPT2, opts: dict[str, Any]) -> tuple[float, int]:
-    """Pop `penalty_alpha` (and with it `top_k`): (alpha, top_k), or (0, 0) for no
-    contrastive search. As in transformers, penalty_alpha > 0 with top_k > 1 selects
-    it; it is deterministic, so sampling options are an error rather than ignored."""
-    from .contrastive import check_contrastive
-
-    alpha = opts.pop("penalty_alpha", None)
-    if alpha is None:
-        return 0.0, 0
-    check_contrastive(model, alpha, 2)
-    if alpha == 0:  # no degeneration penalty: the other options decide
-        return 0.0, 0
-    top_k = opts.get("top_k")
-    check_contrastive(model, alpha, top_k)
-    opts.pop("top_k")
-    sampling = [
-        k for k in ("do_sample", "temperature", *SAMPLING_OPTIONS) if opts.get(k) is not None
-    ]
-    if sampling and not (sampling == ["do_sample"] and opts["do_sample"] is False):
-        raise GPT2LabError(
-            f"contrastive search (penalty_alpha > 0) does not sample; drop {sampling[0]}"
-        )
-    opts.pop("do_sample", None)
-    return float(alpha), top_k
-
-
 def _decode(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Settings):
     """The step iterator for these settings: contrastive search, or greedy/sampling."""
     if s.penalty_alpha > 0:
@@ -355,8 +152,9 @@ def _decode(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Se
 def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Settings) -> Iterator:
     """Yield (next tokens [B], their log-probs [B], finished [B] before this step)."""
     B, T = tokens.shape
-    gen = torch.Generator(device=model.device)
-    gen.manual_seed(s.seed if s.seed is not None else int(torch.randint(2**31, ()).item()))
+    gens = (
+        [torch.Generator(device=model.device).manual_seed(x) for x in s.seeds] if s.sample else []
+    )
     eot = model.tokenizer.eot_token
     stop_ids = torch.tensor(sorted(s.stop_ids), device=model.device, dtype=torch.long)
 
@@ -374,7 +172,7 @@ def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Set
         logprobs = torch.log_softmax(logits, dim=-1)
         scores = s.pipeline(seq[:, : T + step], logits)
         if s.sample:
-            next_token = _draw(torch.softmax(scores, dim=-1), gen)
+            next_token = _draw(torch.softmax(scores, dim=-1), gens)
         else:
             next_token = scores.argmax(-1)
         next_token = torch.where(done, eot, next_token)
@@ -401,11 +199,16 @@ def _not_finite() -> GPT2LabError:
     )
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row from `probs` [batch, vocab] (torch.multinomial, whose error for
-    an invalid distribution is turned into one that says what went wrong)."""
+def _draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from `probs` [batch, vocab], row b with its own generator
+    `gens[b]` (so a row's draws never depend on its batch-mates), by torch.multinomial,
+    whose error for an invalid distribution is turned into one that says what went wrong."""
     try:
-        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        if len(gens) == 1:
+            return torch.multinomial(probs, 1, generator=gens[0]).squeeze(1)
+        return torch.cat(
+            [torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, gens, strict=True)]
+        ).squeeze(1)
     except RuntimeError:
         raise GPT2LabError(
             "cannot sample: the next-token distribution is not valid (NaN or inf logits, or "
@@ -480,11 +283,7 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
     tokens, mask, is_text, single = _prompt_tokens(
         model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
     )
-    if _wants_beams(options):
-        result = _generate_beams(model, tokens, mask, dict(options))
-    else:
-        settings = _settings(model, tokens.shape[1], dict(options), _pad_lengths(mask))
-        result = _generate_loop(model, tokens, mask, settings)
+    result = generate_tokens(model, tokens, mask, GenerationConfig.from_options(**options))
     if return_type is not None:
         if return_type == "input":
             return_type = "str" if is_text else "tokens"
@@ -550,21 +349,20 @@ def _transformer_lens_output(model: GPT2, tokens, mask, result: GenerationResult
     return texts[0] if len(texts) == 1 else texts
 
 
-def _given(value: Any, unset: Any = None) -> bool:
-    """Whether an option was given a value: None, an empty string or list, and the number
-    `unset` mean it was not."""
-    if value is None or (isinstance(value, (str, list, tuple)) and not value):
-        return False
-    return not (unset is not None and _same(value, unset))
-
-
-def _wants_beams(options: dict[str, Any]) -> bool:
-    """Beam search: num_beams or num_beam_groups other than 1 (invalid values included, so
-    that beam search reports them)."""
-    return any(
-        options.get(k) is not None and not _same(options[k], 1)
-        for k in ("num_beams", "num_beam_groups")
-    )
+@torch.inference_mode()
+def generate_tokens(
+    model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, config: GenerationConfig
+) -> GenerationResult:
+    """Continue left-padded prompts `tokens` [batch, pos] (`mask`: 1 = token, or None) as
+    `config` says: the one decoding entry point behind generate, the CLI, lm-eval and
+    the server. Rows are independent: row b samples with seed `config.seed + b`."""
+    if not isinstance(config, GenerationConfig):
+        raise GPT2LabError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    tokens = model._check_tokens(tokens)
+    if config.mode == "beam":
+        return _generate_beams(model, tokens, mask, config)
+    s = resolve(model, config, tokens.shape[1], tokens.shape[0], _pad_lengths(mask))
+    return _generate_loop(model, tokens, mask, s)
 
 
 def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
@@ -608,38 +406,22 @@ def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
     return GenerationResult(out, lps, reasons, texts)
 
 
-BEAM_OPTIONS = (
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "num_return_sequences",
-    "num_beam_groups",
-    "diversity_penalty",
-)
-
-
-def _generate_beams(model: GPT2, tokens, mask, options: dict[str, Any]) -> GenerationResult:
+def _generate_beams(model: GPT2, tokens, mask, config: GenerationConfig) -> GenerationResult:
     """Beam search (beam.py) with the same processors; one result per returned sequence."""
     from .beam import plan_beam_search, run_beam_search
 
-    beam = {k: options.pop(k) for k in BEAM_OPTIONS if options.get(k) is not None}
+    beam = {k: getattr(config, k) for k in BEAM_OPTIONS if getattr(config, k) is not None}
     n = beam["num_beams"] = integer("num_beams", beam.get("num_beams", 1), 1)
-    for key, no_op in SAMPLING_NO_OPS.items():  # accepted where they change nothing
-        value = options.pop(key, None)
-        if value is not None and not _same(value, no_op):
-            raise GPT2LabError(f"beam search does not sample; drop {key}")
-    if _given(options.get("stop")) or _given(options.get("max_time")):
-        raise GPT2LabError("stop strings and max_time are not supported with beam search")
-    if _given(options.get("penalty_alpha"), unset=0.0):
-        raise GPT2LabError("penalty_alpha (contrastive search) cannot be combined with beam search")
-    max_new = integer("max_new_tokens", options.get("max_new_tokens", 32), 1)
     eot = model.tokenizer.eot_token
     # Checked (memory included) before the per-beam padding lengths below are allocated.
-    plan = plan_beam_search(model, tokens, max_new_tokens=max_new, eos_token_id=eot, **beam)
-    pad = _pad_lengths(mask)
-    s = _settings(
-        model, tokens.shape[1], options, None if pad is None else pad.repeat_interleave(n)
+    plan = plan_beam_search(
+        model, tokens, max_new_tokens=config.max_new_tokens, eos_token_id=eot, **beam
     )
+    pad = _pad_lengths(mask)
+    s = resolve(
+        model, config, tokens.shape[1], tokens.shape[0] * n,
+        None if pad is None else pad.repeat_interleave(n),
+    )  # fmt: skip
     rows = run_beam_search(model, plan, mask, s.pipeline)
     result = GenerationResult([], [], [])
     for hypotheses in rows:
@@ -670,13 +452,13 @@ def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
     """
     if not isinstance(prompt, str):
         raise GPT2LabError("stream() takes one text prompt")
-    if _wants_beams(options):
+    if wants_beams(options.get("num_beams"), options.get("num_beam_groups")):
         raise GPT2LabError("stream() does not support beam search (it revises earlier tokens)")
     options = dict(options)
     tokens, mask, _, _ = _prompt_tokens(
         model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
     )
-    s = _settings(model, tokens.shape[1], options)
+    s = resolve(model, GenerationConfig.from_options(**options), tokens.shape[1], 1)
     return _in_context(contextvars.copy_context(), _pieces(model, tokens, mask, s))
 
 

@@ -366,6 +366,34 @@ class MinNewTokens(LogitsProcessor):
 # ---------------------------------------------------------------------------- pipeline
 
 
+class LogitBias(LogitsProcessor):
+    """Add a fixed amount to chosen tokens' logits (OpenAI's `logit_bias`): -100 all but bans
+    a token, +100 all but forces it. Applied first, before penalties and warpers."""
+
+    def __init__(self, bias: dict[int, float]):
+        if not isinstance(bias, dict) or not bias:
+            raise GPT2LabError(
+                f"logit_bias must be a non-empty mapping of token ids to numbers, got {show(bias)}"
+            )
+        self.ids = token_ids("logit_bias keys", list(bias))
+        self.values = [number(f"logit_bias[{t}]", bias[t]) for t in self.ids]
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        key = (scores.device, scores.dtype)
+        if key not in self._cache:
+            self._cache[key] = (
+                torch.tensor(self.ids, device=scores.device),
+                torch.tensor(self.values, device=scores.device, dtype=scores.dtype),
+            )
+        ids, values = self._cache[key]
+        if int(ids.max()) >= scores.shape[-1]:
+            raise GPT2LabError(
+                f"logit_bias names token id {int(ids.max())}, outside the vocabulary of {scores.shape[-1]}"
+            )
+        return scores.index_add(-1, ids, values.expand(scores.shape[0], -1))
+
+
 class LogitsPipeline(list):
     """A list of processors applied in order; an empty pipeline returns the scores as given."""
 
@@ -393,6 +421,7 @@ def build_pipeline(
     no_repeat_ngram_size: int | None = None,
     bad_words_ids: Sequence[Sequence[int]] | None = None,
     min_new_tokens: int | None = None,
+    logit_bias: dict[int, float] | None = None,
     prompt_len: int = 0,
     eos_token_id: int | Sequence[int] = 50256,
     min_tokens_to_keep: int = 1,
@@ -412,6 +441,8 @@ def build_pipeline(
     """
     integer("prompt_len", prompt_len, 0)
     steps: list[Processor] = []
+    if logit_bias:
+        steps.append(LogitBias(logit_bias))
     if _active(repetition_penalty, 1):
         steps.append(RepetitionPenalty(repetition_penalty, ignore_prefix=pad_lengths))
     if _active(frequency_penalty, 0):
@@ -458,6 +489,7 @@ __all__ = [
     "EpsilonWarper",
     "EtaWarper",
     "FrequencyPenalty",
+    "LogitBias",
     "LogitsPipeline",
     "LogitsProcessor",
     "MinNewTokens",
