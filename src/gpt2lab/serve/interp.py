@@ -100,6 +100,32 @@ def _validation_error(e: RequestValidationError) -> Response:
     return error_response(one_line(message, 300), param=param)
 
 
+ERROR_BODY = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "invalid request",
+        "content": {"application/json": {"schema": ERROR_BODY}},
+    },
+    503: {
+        "description": "model still loading",
+        "content": {"application/json": {"schema": ERROR_BODY}},
+    },
+}
+
+
 class InterpRoute(APIRoute):
     """Turns validation errors, BadRequest and GPT2LabError into 400s with OpenAI's body,
     for these routes only (the app may handle the rest of the server its own way)."""
@@ -460,15 +486,16 @@ def steering_vector(body: SteeringBody, request: Request) -> dict[str, Any]:
 def router() -> APIRouter:
     """The inspection routes, to mount under /v1/interp. Handlers are plain functions, so
     FastAPI runs them in its thread pool and the event loop keeps serving meanwhile."""
-    r = APIRouter(route_class=InterpRoute, tags=["interp"])
-    r.add_api_route("/info", info, methods=["GET"], summary="model shape and inspection limits")
-    r.add_api_route("/tokens", tokens, methods=["POST"], summary="tokens, ids and offsets")
-    r.add_api_route("/next_token", next_token, methods=["POST"], summary="next-token top-k")
-    r.add_api_route("/lens", lens, methods=["POST"], summary="logit / tuned lens grid")
-    r.add_api_route("/attention", attention, methods=["POST"], summary="attention pattern")
-    r.add_api_route("/neurons", neurons, methods=["POST"], summary="top neurons at a position")
-    r.add_api_route("/steering_vector", steering_vector, methods=["POST"], summary="ActAdd vector")
-    r.add_api_route("/patching", patching, methods=["POST"], summary="activation patching")
+    r = APIRouter(route_class=InterpRoute, tags=["interp"], responses=ERRORS)
+    add = r.add_api_route
+    add("/info", info, methods=["GET"], summary="model shape and inspection limits")
+    add("/tokens", tokens, methods=["POST"], summary="tokens, ids and character offsets")
+    add("/next_token", next_token, methods=["POST"], summary="next-token top-k")
+    add("/lens", lens, methods=["POST"], summary="logit / tuned lens grid")
+    add("/attention", attention, methods=["POST"], summary="attention pattern of a layer")
+    add("/neurons", neurons, methods=["POST"], summary="top neurons at a position")
+    add("/steering_vector", steering_vector, methods=["POST"], summary="ActAdd vector")
+    add("/patching", patching, methods=["POST"], summary="activation patching")
     return r
 
 
