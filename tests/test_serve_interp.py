@@ -21,8 +21,8 @@ from gpt2lab.serve import interp
 from gpt2lab.steering import actadd
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-CLEAN = PROMPT
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+CLEAN = "Mary and John: John gave it to"  # short: patching runs layers x positions passes
+CORRUPTED = "Mary and John: Mary gave it to"
 
 
 @pytest.fixture(scope="module")
