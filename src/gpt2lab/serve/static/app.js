@@ -15,6 +15,8 @@ const state = {
   lensStart: 0,
   position: -1,
   runId: 0,
+  attId: 0, // the latest attention / neuron request: older answers are dropped
+  neuronId: 0,
   genAbort: null,
 };
 
@@ -284,6 +286,7 @@ function showLensCell(r, p) {
 // ---- attention ------------------------------------------------------------------------
 async function loadAttention() {
   if (!state.tokens.length) return;
+  const id = ++state.attId;
   const layer = Number($("att-layer").value || 0);
   const headValue = $("att-head").value;
   const body = promptBody({ layer });
@@ -293,13 +296,14 @@ async function loadAttention() {
   try {
     data = await api("/v1/interp/attention", body);
   } catch (err) {
+    if (id !== state.attId) return;
     if (headValue !== "") throw err;
     // all heads of a long prompt is too much for one answer: fall back to head 0
     $("att-head").value = "0";
     data = await api("/v1/interp/attention", { ...body, head: 0 });
     $("att-note").textContent = err.message;
   }
-  renderAttention(data);
+  if (id === state.attId) renderAttention(data);
 }
 
 function renderAttention(data) {
@@ -325,7 +329,8 @@ function renderAttention(data) {
   box.dataset.rendered = String(data.heads.length);
 }
 
-// One pixel per (query, key): white = 0, dark blue = 1; CSS scales it up (pixelated).
+// One pixel per (query, key): white = 0, dark blue = 1, on a square-root scale so that the
+// spread-out weights of a long prompt stay visible; CSS scales it up (pixelated).
 function drawPattern(canvas, rows) {
   const n = rows.length;
   const ctx = canvas.getContext("2d");
@@ -334,7 +339,7 @@ function drawPattern(canvas, rows) {
   for (let q = 0; q < n; q++) {
     const row = rows[q];
     for (let k = 0; k < n; k++) {
-      const w = k <= q ? Math.max(0, Math.min(1, row[k])) : 0;
+      const w = k <= q ? Math.sqrt(Math.max(0, Math.min(1, row[k]))) : 0;
       const o = 4 * (q * n + k);
       px[o] = Math.round(255 - 230 * w);
       px[o + 1] = Math.round(255 - 170 * w);
@@ -348,9 +353,11 @@ function drawPattern(canvas, rows) {
 // ---- neurons ----------------------------------------------------------------------------
 async function loadNeurons() {
   if (!state.tokens.length) return;
+  const id = ++state.neuronId;
   const body = promptBody({ position: state.position, k: 8, vocab_k: 5 });
   if ($("neuron-layer").value !== "") body.layer = Number($("neuron-layer").value);
   const data = await api("/v1/interp/neurons", body);
+  if (id !== state.neuronId) return;
   const box = $("neuron-list");
   clear(box);
   box.append(el("div", { class: "detail-title", text: `position ${data.position}: ${shown(data.token.text)}` }));
