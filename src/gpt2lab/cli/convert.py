@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import typer
 
-from . import MODEL_HELP, app, check_output
+from .core import app
+from .options import MODEL_HELP, check_output
 
 FORMATS = ("gguf", "hf")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from . import MODEL_HELP, check_output, neurons_app, threads_option, use_threads
+from .core import neurons_app
+from .options import MODEL_HELP, check_output, seed_option, threads_option, use_threads
 
 
 @neurons_app.command("correlate")
@@ -39,7 +40,7 @@ def correlate(
     threshold: float = typer.Option(
         0.5, "--threshold", help="universal when best r - baseline r is above this (0..1)"
     ),
-    seed: int = typer.Option(0, "--seed", help="seed of the random rotations (the baseline)"),
+    seed: int = seed_option("seed of the random rotations (the baseline)"),
     out: str = typer.Option("correlations", "--out", help="folder for the result and checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue from --out's checkpoint"),
     checkpoint_every: int = typer.Option(

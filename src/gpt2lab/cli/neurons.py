@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from . import MODEL_HELP, check_output, neurons_app, threads_option, use_threads
+from .core import neurons_app
+from .options import check_output, model_option, threads_option, use_threads
 
 HOOK_HELP = (
     "hook with a unit axis ([batch, pos, units]); repeatable (default: blocks.L.mlp.hook_post "
@@ -17,7 +18,7 @@ def stats(
     data: list[str] = typer.Option(
         ..., "--data", help="corpus: a `gpt2lab prepare` dataset folder, or text files / folders"
     ),
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = model_option(),
     hook: list[str] | None = typer.Option(None, "--hook", help=HOOK_HELP),
     split: str = typer.Option("train", "--split", help="split of a prepared dataset"),
     tokens: int | None = typer.Option(
@@ -115,7 +116,7 @@ def show(
     hook: str | None = typer.Option(None, "--hook", help="or any hook of the results"),
     neuron: int = typer.Option(..., "--neuron", "-n", help="unit index"),
     out: str = typer.Option("neuron.html", "--out", help="HTML file to write"),
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = model_option(),
     k: int = typer.Option(10, "-k", help="contexts and tokens shown"),
 ) -> None:
     """Write a self-contained HTML neuron card: top contexts shaded by activation, the

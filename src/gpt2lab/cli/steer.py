@@ -2,13 +2,14 @@
 
 Vectors are files: `.safetensors` (gpt2lab's, with the record of where they belong) or
 `.gguf` (llama.cpp's control vectors, read against the model). `generate --steer
-FILE[:COEF]` applies them (see cli/__init__.py)."""
+FILE[:COEF]` applies them (see cli/run.py)."""
 
 from __future__ import annotations
 
 import typer
 
-from . import MODEL_HELP, check_output, steer_app, threads_option, use_threads
+from .core import steer_app
+from .options import check_output, model_option, seed_option, threads_option, use_threads
 
 METHODS = ("mean", "actadd", "reading")
 
@@ -101,7 +102,7 @@ def make(
         "resid_pre", "--site", help="with --layers: resid_pre, resid_mid, resid_post, ..."
     ),
     read: str = typer.Option("last", "--read", help="read position: last, mean or a token index"),
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = model_option(),
     out: str = typer.Option(..., "--out", help="the vector file (.safetensors)"),
     gguf: str | None = typer.Option(None, "--gguf", help="also write a llama.cpp control vector"),
     coefficient: float = typer.Option(1.0, "--coefficient", help="multiplied into --gguf"),
@@ -170,7 +171,7 @@ def sweep_command(
     hook: list[str] = typer.Option([], "--hook", help="sweep only this hook (repeatable)"),
     samples: int = typer.Option(8, "--samples", help="seeded samples per prompt and cell"),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", help="tokens per sample"),
-    seed: int = typer.Option(0, "--seed", help="seed of the samples and the random baseline"),
+    seed: int = seed_option("seed of the samples and the random baseline"),
     positive_words: str | None = typer.Option(
         None, "--positive-words", help="comma-separated words to count"
     ),
@@ -181,7 +182,7 @@ def sweep_command(
     csv: str | None = typer.Option(None, "--csv", help="write the rows as CSV"),
     json: str | None = typer.Option(None, "--json", help="write rows and samples as JSON"),
     plot: str | None = typer.Option(None, "--plot", help="write a plot (needs matplotlib)"),
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = model_option(),
     threads: int | None = threads_option(),
 ) -> None:
     """Steer each hook of a vector at each coefficient, next to the unsteered model and an
@@ -224,9 +225,7 @@ def sweep_command(
 @steer_app.command("show")
 def show_command(
     vector: str = typer.Argument(..., help="the vector file (.safetensors)"),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="check against (and for .gguf, read with) this model"
-    ),
+    model: str | None = model_option("check against (and for .gguf, read with) this model"),
 ) -> None:
     """The vector's record: hooks, shapes and norms, method, read position, model, data."""
     import json as json_module
@@ -250,7 +249,7 @@ def show_command(
 def convert(
     source: str = typer.Argument(..., help="a .safetensors or .gguf vector"),
     target: str = typer.Argument(..., help="the other format (.gguf or .safetensors)"),
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = model_option(),
     coefficient: float = typer.Option(
         1.0, "--coefficient", help="multiplied into the vector written"
     ),

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import typer
 
-from . import app, threads_option, use_threads
+from .core import app
+from .options import threads_option, use_threads
 
 
 @app.command()
 def tune(
     model: str = typer.Option(
-        "gpt2-medium", "--model", help="preset (gpt2, gpt2-medium, ...) or checkpoint folder: "
-        "only its shapes are used, with random weights"
+        "gpt2-medium",
+        "--model",
+        help="preset (gpt2, gpt2-medium, ...) or checkpoint folder: "
+        "only its shapes are used, with random weights",
     ),
     dtypes: str = typer.Option(
         "float32,bfloat16,int8", "--dtypes", help="comma-separated: float32, bfloat16, int8"
     ),
     rows: str = typer.Option(
-        "1,2,4,8,16,64,256", "--rows", help="comma-separated row counts (decode steps, batches, prefills)"
+        "1,2,4,8,16,64,256",
+        "--rows",
+        help="comma-separated row counts (decode steps, batches, prefills)",
     ),
     threads: int | None = threads_option(),
 ) -> None:
@@ -38,6 +43,8 @@ def tune(
     try:
         row_counts = [int(r) for r in rows.split(",") if r.strip()]
     except ValueError:
-        raise GPT2LabError(f"--rows: {rows!r} is not a comma-separated list of whole numbers") from None
+        raise GPT2LabError(
+            f"--rows: {rows!r} is not a comma-separated list of whole numbers"
+        ) from None
     names = [d.strip() for d in dtypes.split(",") if d.strip()]
     run(cfg, names, row_counts, say=typer.echo)
