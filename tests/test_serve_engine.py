@@ -153,6 +153,26 @@ def test_one_job_of_many_rows(model, references):
         check_job(model, job, prompts, references)
 
 
+def test_n_choices_equal_a_generate_batch(model):
+    """Rows seeded seed, seed + 1, ... (the server's n choices) equal generate's batch of
+    the same prompt repeated, whose row b samples with seed + b; a time limit ends rows
+    as generate's does."""
+    prompt = ids(model, "Now is the winter of our discontent")
+    opts = dict(max_new_tokens=20, temperature=0.9, top_k=40, seed=123)
+    want = model.generate(torch.tensor([prompt] * 3), return_result=True, **opts)
+    cfgs = [GenerationConfig.from_options(**{**opts, "seed": 123 + b}) for b in range(3)]
+    timed = dict(max_new_tokens=10, max_time=1e-9)
+    with Engine(model, max_batch=2) as engine:
+        job = engine.submit([Row(prompt, c, top_logprobs=1) for c in cfgs])
+        results = job.results(timeout=120)
+        assert [r.tokens for r in results] == want.tokens
+        assert [r.text for r in results] == want.texts
+        assert len({tuple(t) for t in want.tokens}) == 3  # the seeds differ
+        result = engine.submit([Row(prompt, GenerationConfig.from_options(**timed))]).results()
+        ref = alone(model, prompt, timed)
+        assert (result[0].tokens, result[0].finish_reason) == (ref.tokens[0], "time")
+
+
 def test_rows_join_mid_flight(model, references):
     """Jobs submitted from other threads while a long row decodes, each after the previous
     one has produced some tokens, join the running batch."""
@@ -314,6 +334,8 @@ def test_close_cancels_and_does_not_hang(model):
     opts = GenerationConfig.from_options(max_new_tokens=200, stop_at_eot=False)
     running = engine.submit([Row(ids(model, "HAMLET:"), opts)])
     queued = [engine.submit([Row(ids(model, "ROMEO:"), opts)]) for _ in range(3)]
+    beams = GenerationConfig.from_options(max_new_tokens=20, num_beams=2)
+    solo = engine.submit([Row(ids(model, "ROMEO:"), beams), Row(ids(model, "JULIET:"), beams)])
     next(iter(running.events(timeout=120)))  # it runs
     engine.close()
     assert all(not t.is_alive() for t in engine._threads)
@@ -321,6 +343,9 @@ def test_close_cancels_and_does_not_hang(model):
         assert job.done
         with pytest.raises(EngineClosed):
             list(job.events(timeout=120))
+    assert solo.done  # its rows ran to their end or were stopped by the close
+    if solo.error is not None:
+        assert isinstance(solo.error, EngineClosed)
     with pytest.raises(EngineClosed):
         engine.submit([Row(ids(model, "ROMEO:"), opts)])
 
@@ -370,9 +395,17 @@ def test_bad_input_is_refused_at_submit(model):
             ([Row([1, 50257], cfg)], "prompt"),
             ([Row([1, 2], cfg, top_logprobs=-1)], "top_logprobs"),
             ([Row([1] * 250, cfg)], "exceeds the context"),
+            (
+                [Row([1], GenerationConfig.from_options(num_beams=2, num_return_sequences=2))],
+                "one sequence",
+            ),  # fmt: skip
         ]:
             with pytest.raises(GPT2LabError, match=match):
                 engine.submit(rows)
         assert engine.queue_length == 0
+    idle = Engine(model)  # not started: nothing happens, and waiting says so
+    with pytest.raises(TimeoutError):
+        next(idle.submit([Row([1, 2], cfg)]).events(timeout=0.01))
+    idle.close()
     with pytest.raises(GPT2LabError, match="max_batch"):
         Engine(model, max_batch=0)

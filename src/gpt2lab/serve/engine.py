@@ -309,6 +309,7 @@ class Engine:
         if not isinstance(rows, (list, tuple)) or not rows:
             raise GPT2LabError(f"submit takes a non-empty list of Row, got {show(rows)}")
         vocab = self.model.cfg.d_vocab
+        out = []
         for row in rows:
             if not isinstance(row, Row):
                 raise GPT2LabError(f"submit takes Row objects, got {show(row)}")
@@ -316,10 +317,16 @@ class Engine:
                 raise GPT2LabError(
                     f"a Row's config must be a GenerationConfig, got {type(row.config).__name__}"
                 )
-            token_ids("prompt", row.tokens, vocab)
-            integer("top_logprobs", row.top_logprobs, 0, vocab)
-            row.config.check(self.model, len(row.tokens))
-        return [Row(list(r.tokens), r.config, r.top_logprobs, r.steer) for r in rows]
+            tokens = token_ids("prompt", row.tokens, vocab)
+            top = integer("top_logprobs", row.top_logprobs, 0, vocab)
+            row.config.check(self.model, len(tokens))
+            if row.config.num_return_sequences not in (None, 1):
+                raise GPT2LabError(
+                    "a Row gives one sequence: for several beams' results submit one Row "
+                    "each, not num_return_sequences"
+                )
+            out.append(Row(tokens, row.config, top, row.steer))
+        return out
 
     @property
     def queue_length(self) -> int:
@@ -343,11 +350,16 @@ class Engine:
                     if self._closing:
                         break
                     admit = self._take()
-                for job, index in admit:
-                    self._admit(job, index)
-                self._drop_cancelled()
-                if self._rows:
-                    self._step()
+                try:
+                    for job, index in admit:
+                        self._admit(job, index)
+                    self._drop_cancelled()
+                    if self._rows:
+                        self._step()
+                except Exception as error:  # noqa: BLE001 - never let the scheduler die
+                    for job in {id(r.job): r.job for r in self._rows}.values():
+                        job._fail(error)
+                    self._rows, self._cache = [], None
         error = EngineClosed("the server is shutting down")
         for live in self._rows:
             live.job._stop(error)
@@ -594,10 +606,12 @@ class Engine:
                     return
                 job, index = item
                 try:
-                    if not (job.done or job.cancelled or self._closing):
-                        self._run_solo(job, index)
-                    elif job.cancelled:
+                    if job.cancelled:
                         job._stop()
+                    elif self._closing:
+                        job._stop(EngineClosed("the server is shutting down"))
+                    elif not job.done:
+                        self._run_solo(job, index)
                 except Exception as error:  # noqa: BLE001 - the job fails, the worker goes on
                     job._fail(error)
                 finally:
