@@ -355,14 +355,17 @@ def _error(
                         headers=headers)  # fmt: skip
 
 
+BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "SteeringSpec", "StreamOptions"}
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """pydantic's first error as one line: `field: what is wrong` (and the field)."""
     if not errors:
         return "invalid request", None
     err = errors[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    # a union's branch names (str, list[int], ...) are pydantic's, not the client's
-    loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float")]
+    # a union's branch names (str, list[int], SteeringSpec...) are pydantic's, not the client's
+    loc = [x for x in loc if not any(c in x for c in "[]()") and x not in BRANCH_NAMES]
     field = ".".join(loc) or None
     kind, msg = err.get("type", ""), str(err.get("msg", "invalid value"))
     if kind == "json_invalid":

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import torch
 
-from ..errors import one_line
+from ..errors import GPT2LabError, one_line
 from ..generation.config import SEED_LIMIT, GenerationConfig
 from ..steering.apply import steered
 from . import openai_format as fmt
@@ -169,7 +169,7 @@ def _options(body: CompletionRequest, max_new_tokens: int) -> dict[str, Any]:
         "temperature": temperature,
         "top_p": body.top_p,
         "stop": body.stop or None,
-        "logit_bias": body.logit_bias,
+        "logit_bias": _logit_bias(body.logit_bias),
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "top_k": body.top_k,
@@ -186,6 +186,19 @@ def _options(body: CompletionRequest, max_new_tokens: int) -> dict[str, Any]:
     if body.ignore_eos:
         opts["stop_at_eot"] = False
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written in decimal ASCII digits."""
+    if value is None:
+        return None
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise fmt.ApiError(400, f"logit_bias keys must be token ids (decimal digits), got "
+                               f"{key[:20]!r}", param="logit_bias")  # fmt: skip
+        out[int(key)] = bias
+    return out
 
 
 # ---- running --------------------------------------------------------------------------
@@ -261,6 +274,18 @@ async def run(engine: Any, plan: Plan, deadline: float) -> list[RowResult]:
         )  # fmt: skip
         for r in job.results()
     ]
+
+
+def _stream_error(e: Exception) -> dict[str, Any]:
+    """An error that ends a stream already under way, as OpenAI's error object."""
+    from .engine import EngineClosed
+
+    if isinstance(e, EngineClosed):
+        return fmt.error_body(one_line(e), "server_error", code="shutting_down")
+    if isinstance(e, GPT2LabError):
+        return fmt.error_body(one_line(e))
+    return fmt.error_body(f"internal error ({type(e).__name__}); this is a bug in gpt2lab",
+                          "server_error")  # fmt: skip
 
 
 def timeout_error(plan: Plan) -> fmt.ApiError:
@@ -406,8 +431,11 @@ async def stream(model: Any, engine: Any, plan: Plan, deadline: float,
                             fmt.choice(i, ev.text or "", reason, logprobs)], None))  # fmt: skip
             done = True
         except TimeoutError:
-            err = timeout_error(plan)
-            yield fmt.sse(err.body())
+            yield fmt.sse(timeout_error(plan).body())
+            yield fmt.DONE
+            return
+        except Exception as e:  # noqa: BLE001 - the headers are sent: an error event, not a 500
+            yield fmt.sse(_stream_error(e))
             yield fmt.DONE
             return
         finally:
