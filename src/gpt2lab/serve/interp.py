@@ -217,6 +217,16 @@ def tokens_of(request: Request, model: Any, prompt: Any, prepend_bos: bool, *,
     """The prompt as [pos] ids (lens.prompt_tokens: the tokenization every lens uses),
     checked against the prompt limit."""
     limit = prompt_limit(request, model) if limit is None else limit
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{param} is not valid Unicode (a lone surrogate)", param) from None
+    else:
+        vocab = model.cfg.d_vocab
+        bad = next((i for i in prompt if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"token id {bad} in {param} is outside [0, {vocab})", param)
     try:
         ids = prompt_tokens(model, prompt, prepend_bos)
     except GPT2LabError as e:
@@ -446,6 +456,10 @@ def patching(body: PatchBody, request: Request) -> dict[str, Any]:
     for param in ("clean", "corrupted"):
         tokens_of(request, model, getattr(body, param), model.default_prepend_bos,
                   limit=limit, param=param)  # fmt: skip
+    for param in ("answer", "wrong"):
+        value = getattr(body, param)
+        if isinstance(value, int) and not 0 <= value < model.cfg.d_vocab:
+            raise BadRequest(f"{param} {value} is outside [0, {model.cfg.d_vocab})", param)
     if body.what not in SITES and body.what not in ALIASES:
         choices = ", ".join([*SITES, *ALIASES])
         raise BadRequest(f"what must be one of: {choices}; got {body.what!r}", "what")

@@ -574,6 +574,10 @@ function wire() {
   $("gen-run").addEventListener("click", runGenerate);
   $("gen-stop").addEventListener("click", () => state.genAbort && state.genAbort.abort());
   $("patch-run").addEventListener("click", runPatching);
+  // a server with an API key answers 401 until one is given: retry with it
+  $("api-key").addEventListener("change", () => {
+    if (!state.info) loadInfo();
+  });
 }
 
 wire();
