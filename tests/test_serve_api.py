@@ -290,3 +290,20 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert value(after, completion) == value(before, completion) + 3
     assert "gpt2lab_queue_length 0" in after
     assert 'gpt2lab_request_duration_seconds_bucket{route="/v1/completions",le="+Inf"}' in after
+
+
+def test_client_leaving_a_stream_frees_its_slot(server, model):
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True,
+            "temperature": 0, "stream": True}  # fmt: skip
+    with httpx.stream("POST", server + "/v1/completions", json=body) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: {")
+    tick = threading.Event()  # never set: wait(0.02) is a short pause
+    for _ in range(1500):  # the server notices the closed connection; bounded wait
+        metrics = httpx.get(server + "/metrics").text
+        if "gpt2lab_active_streams 0" in metrics and "gpt2lab_active_rows 0" in metrics:
+            break
+        tick.wait(0.02)
+    assert "gpt2lab_active_streams 0" in metrics and "gpt2lab_active_rows 0" in metrics
+    out = httpx.post(server + "/v1/completions", json={**body, "stream": False, "max_tokens": 3})
+    assert out.json()["choices"][0]["text"] == model.generate(PROMPT, max_new_tokens=3)

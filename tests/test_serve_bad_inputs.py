@@ -254,7 +254,7 @@ def test_health_is_503_while_loading_and_after_a_failed_load(model):
 # ---- schemathesis: no 5xx for requests generated from /openapi.json ----------------------
 # schemathesis 4.x's pytest plugin (`from_fixture`) breaks on pytest 9 (it sets
 # Node._nodeid), so each operation's hypothesis strategy is driven directly.
-FUZZ_EXAMPLES = 15  # per operation and generation mode: the whole test stays well under 60 s
+FUZZ_EXAMPLES = 12  # per operation and generation mode: the whole test stays well under 60 s
 
 
 def test_openapi_fuzz_no_server_errors(model):
@@ -264,6 +264,7 @@ def test_openapi_fuzz_no_server_errors(model):
 
     limits = {**LIMITS, "api_key": None, "max_prompt_tokens": 64, "max_tokens_cap": 16}
     app = create_app(model, ServeSettings(**limits))
+    model.generate("warm", max_new_tokens=2)  # a first decode may measure kernels (slow)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
@@ -295,7 +296,9 @@ def fuzz(op, mode) -> None:
             case.body["model"] = NAME  # past the model check, into the real work
         if mode == GenerationMode.POSITIVE and op.path == "/v1/completions":
             reach_generation(case.body)
-        case.call_and_validate(checks=[not_a_server_error])
+        # a generous read timeout: schemathesis' 10 s default fails on a loaded 2-core
+        # machine (a slow answer is not a server error; no test here times anything)
+        case.call_and_validate(checks=[not_a_server_error], timeout=300)
 
     run()
 
@@ -307,7 +310,8 @@ def reach_generation(body: dict) -> None:
         body.pop(key, None)
     if not body.get("stream"):
         body.pop("stream_options", None)
-    if isinstance(body.get("max_tokens"), int):
-        body["max_tokens"] = min(body["max_tokens"], 16) or (0 if body.get("echo") else 1)
+    given = body.get("max_tokens")
+    if given is None or isinstance(given, int):  # a few tokens: the point is the handling
+        body["max_tokens"] = min(16 if given is None else given, 4) or int(not body.get("echo"))
     if isinstance(body.get("n"), int):
         body["n"] = min(body["n"], 2)

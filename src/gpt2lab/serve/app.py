@@ -212,19 +212,16 @@ def _routes(app: FastAPI) -> None:
                 )  # fmt: skip
             state.active_streams += 1
 
-        async def events():
-            try:
-                async for chunk in completions.stream(
-                    model, state.engine, plan, deadline,
-                    on_tokens=lambda n: state.metrics.tokens(prompt_tokens, n),
-                ):  # fmt: skip
-                    yield chunk
-            finally:
-                with state.streams_lock:
-                    state.active_streams -= 1
+        def release() -> None:
+            with state.streams_lock:
+                state.active_streams -= 1
 
+        events = completions.stream(
+            model, state.engine, plan, deadline,
+            on_tokens=lambda n: state.metrics.tokens(prompt_tokens, n),
+        )  # fmt: skip
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return EventStream(events, release, media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/tokenize", tags=["tokens"], responses=ERRORS)
     def tokenize(body: TokenizeRequest, request: Request) -> dict:
@@ -256,6 +253,23 @@ def _routes(app: FastAPI) -> None:
 
         _model(request)
         return {"object": "list", "data": describe(request.app.state.steering)}
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that gives its stream slot back however it ends: finished,
+    failed, or the client gone before the first byte (when the body generator never
+    starts, its own `finally` would never run)."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+            await self.body_iterator.aclose()  # a started stream cancels its engine job
 
 
 def _check_model_name(request: Request, name: str | None) -> None:
