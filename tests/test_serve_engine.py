@@ -216,35 +216,74 @@ def random_model(small_ckpt):
 
 
 @pytest.mark.parametrize("which", ["bundled", "random"])
-def test_compaction_when_columns_run_out(model, random_model, which):
-    """A short prompt with many new tokens, then a long prompt joining late (the cache is
-    rebuilt with the rows right-aligned), then the shared columns run out (rebuilt again,
-    each row keeping only its real columns): every row still equals generate alone."""
+def test_rebuilds_compaction_and_rows_that_must_wait(model, random_model, which):
+    """The scheduler driven step by step (engine not started): a short row (A), a row
+    joining at once into a free slot with masked holes before it (B), the shared columns
+    running out (the cache rebuilt with only real columns: it shrinks), a prompt longer
+    than the columns so far (C: rebuilt, the others right-aligned), and a row that would
+    not fit beside the others within the context (D: waits until they leave). Every row
+    equals generate alone."""
     m = model if which == "bundled" else random_model
-    n_ctx = m.cfg.n_ctx
-    short = list(range(100, 105))
-    long_ = [(7 * i + 3) % 5000 for i in range(int(n_ctx * 0.6))]
-    mid = [(11 * i + 1) % 5000 for i in range(n_ctx // 4)]
-    short_opts = dict(max_new_tokens=int(n_ctx * 0.7), stop_at_eot=False, top_k=50, seed=9)
-    long_opts = dict(max_new_tokens=n_ctx // 8, stop_at_eot=False)
-    mid_opts = dict(max_new_tokens=n_ctx // 3, stop_at_eot=False, temperature=1.2, seed=4)
-    with Engine(m, max_batch=4) as engine:
-        a = engine.submit([Row(short, GenerationConfig.from_options(**short_opts), 1)])
-        joined, seen = [], []
-        for k, event in enumerate(a.events(timeout=120)):
-            seen.append(event)
-            if k == 8:
-                joined.append(
-                    engine.submit([Row(long_, GenerationConfig.from_options(**long_opts))])
-                )
-            if k == n_ctx // 3:
-                joined.append(engine.submit([Row(mid, GenerationConfig.from_options(**mid_opts))]))
-        want = [alone(m, short, short_opts), alone(m, long_, long_opts), alone(m, mid, mid_opts)]
-        check_job(m, a, [short], [want[0]], tops=[1], events=seen)
-        for job, prompt, ref in zip(joined, [long_, mid], want[1:], strict=True):
-            check_job(m, job, [prompt], [ref], tops=[0])
-        # the join rebuild, then at least one compaction when the columns ran out
-        assert engine.rebuilds >= 3
+    n = m.cfg.n_ctx
+    specs = {
+        "A": (list(range(100, 105)), dict(max_new_tokens=n // 4, top_k=50, seed=9)),
+        "B": ([464, 3290, 286], dict(max_new_tokens=n // 2, repetition_penalty=1.2)),
+        "C": ([(7 * i + 3) % 5000 for i in range(n // 2 + 10)], dict(max_new_tokens=n // 8)),
+        "D": (
+            [(11 * i + 1) % 5000 for i in range(n // 2)],
+            dict(max_new_tokens=n // 2 - 1, temperature=1.2, seed=4),
+        ),  # fmt: skip
+    }
+    for _, opts in specs.values():
+        opts["stop_at_eot"] = False
+    engine = Engine(m, max_batch=4)
+    jobs = {}
+
+    def submit(name):
+        prompt, opts = specs[name]
+        jobs[name] = engine.submit([Row(prompt, GenerationConfig.from_options(**opts), 1)])
+
+    def tick():
+        before = (engine.rebuilds, engine._cache.length if engine._cache else 0)
+        with torch.inference_mode():
+            engine._tick()
+        after = (engine.rebuilds, engine._cache.length if engine._cache else 0)
+        return before, after
+
+    submit("A")
+    for _ in range(4):
+        tick()
+    assert engine.rebuilds == 1  # A's first cache
+    submit("B")
+    tick()
+    cache, slot_b = engine._cache, 1
+    L = cache.length
+    assert engine.rebuilds == 1 and engine.active_rows == 2  # B took a free slot
+    holes = L - 1 - len(specs["B"][0])  # its prompt and first token end at column L
+    assert holes > 0 and not cache.key_mask[slot_b, :holes].any()
+    assert cache.key_mask[slot_b, holes:L].all()
+    compacted = False
+    while len(engine._rows) == 2 or not compacted:
+        (r0, l0), (r1, l1) = tick()
+        if r1 > r0:  # the columns ran out: rebuilt with real columns only
+            assert l1 < l0 and bool(engine._cache.key_mask[: len(engine._rows), :l1].all())
+            compacted = True
+    assert jobs["A"].done and not jobs["B"].done
+    b = engine._rows[0]
+    assert b.prompt_len + b.steps - 1 < len(specs["C"][0])  # C's prompt is longer
+    submit("C")
+    submit("D")
+    (r0, _), (r1, l1) = tick()
+    assert r1 == r0 + 1 and l1 == len(specs["C"][0]) + 1  # rebuilt around C's prompt
+    assert not engine._cache.key_mask[0, : l1 - b.prompt_len - b.steps].any()
+    assert engine.queue_length == 1 and jobs["D"].rows and engine.active_rows == 2  # D waits
+    while not all(job.done for job in jobs.values()):
+        tick()
+    assert engine.active_rows == 0 and engine._cache is None
+    for name, job in jobs.items():
+        prompt, opts = specs[name]
+        check_job(m, job, [prompt], [alone(m, prompt, opts)], tops=[1])
+    engine.close()
 
 
 def test_cancel_frees_the_slot(model, references):

@@ -349,21 +349,26 @@ class Engine:
                         self._cond.wait()
                     if self._closing:
                         break
-                    admit = self._take()
-                try:
-                    for job, index in admit:
-                        self._admit(job, index)
-                    self._drop_cancelled()
-                    if self._rows:
-                        self._step()
-                except Exception as error:  # noqa: BLE001 - never let the scheduler die
-                    for job in {id(r.job): r.job for r in self._rows}.values():
-                        job._fail(error)
-                    self._rows, self._cache = [], None
+                self._tick()
         error = EngineClosed("the server is shutting down")
         for live in self._rows:
             live.job._stop(error)
         self._rows, self._cache = [], None
+
+    def _tick(self) -> None:
+        """One round: admit what may join, drop cancelled rows, one decode step."""
+        with self._cond:
+            admit = self._take()
+        try:
+            for job, index in admit:
+                self._admit(job, index)
+            self._drop_cancelled()
+            if self._rows:
+                self._step()
+        except Exception as error:  # noqa: BLE001 - never let the scheduler die
+            for job in {id(r.job): r.job for r in self._rows}.values():
+                job._fail(error)
+            self._rows, self._cache = [], None
 
     def _admissible(self) -> bool:
         """Whether a waiting row could join now (called under the lock)."""
@@ -384,18 +389,26 @@ class Engine:
         Solo rows go straight to the solo worker and take no slot."""
         out: list[tuple[Job, int]] = []
         free = self.max_batch - len(self._rows)
+        # (columns a row holds now, columns it may still add) for the live and new rows
+        spans = [(r.prompt_len + r.steps - 1, r.remaining()) for r in self._rows]
         while self._waiting and self._admissible():
             job = self._waiting[0]
             if not self.continuous:
                 self._current = job
             while job.admitted < len(job.rows) and free > 0:
                 index = job.admitted
+                row = job.rows[index]
+                solo = _is_solo(row)
+                span = (len(row.tokens), row.config.max_new_tokens - 1)
+                if not solo and not self._fits(spans + [span]):
+                    break  # it waits (at the head) until rows leave
                 job.admitted += 1
-                if _is_solo(job.rows[index]):
+                if solo:
                     self._solo_busy += 1
                     self._solo.put((job, index))
                 else:
                     out.append((job, index))
+                    spans.append(span)
                     free -= 1
             if job.admitted < len(job.rows):
                 break
@@ -403,6 +416,14 @@ class Engine:
             if free <= 0:
                 break
         return out
+
+    def _fits(self, spans: list[tuple[int, int]]) -> bool:
+        """Whether rows sharing the columns can all finish within the context: aligned at
+        the longest one's end, each needs its remaining columns after it. A row that would
+        break this (a long prompt beside a long continuation) waits rather than force a
+        rebuild of the cache at every step; alone, every row fits (config.check)."""
+        width = max(held for held, _ in spans)
+        return len(spans) == 1 or width + max(more for _, more in spans) <= self.model.cfg.n_ctx
 
     def _admit(self, job: Job, index: int) -> None:
         """Prefill a row alone, pick its first token, and give it a slot if it goes on."""
