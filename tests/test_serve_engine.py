@@ -43,6 +43,10 @@ CASES = [
         dict(max_new_tokens=22, typical_p=0.9, seed=11, min_new_tokens=5, stop=["\n\n", " the"]),
     ),  # fmt: skip
     ("I", dict(max_new_tokens=12, do_sample=True, seed=2**63 + 5, top_k=0)),
+    # stop strings across tokens (" thy", " self", "."): the first cuts inside " thy"
+    # (kept) and drops " self"; the second holds " self" back, then drops it with "."
+    ("KING RICHARD:\nWhat", dict(max_new_tokens=30, temperature=0.7, seed=21, stop="hy sel")),
+    ("KING RICHARD:\nWhat", dict(max_new_tokens=30, temperature=0.7, seed=21, stop=" self.")),
 ]
 TOP = 3
 
@@ -116,6 +120,9 @@ def test_references_cover_stops_and_lengths(references):
     # a stop string cut the text (the "," case) and a stop id ended a row
     assert not references[3].texts[0].endswith(",") and references[3].finish_reasons[0] == "stop"
     assert references[4].finish_reasons[0] == "stop"
+    cut_in, held = references[-2], references[-1]
+    assert cut_in.texts[0].endswith(" be t") and held.texts[0].endswith(" be thy")
+    assert cut_in.tokens[0] == held.tokens[0]  # " thy" kept, " self" dropped by both
 
 
 @pytest.mark.parametrize("continuous", [True, False])

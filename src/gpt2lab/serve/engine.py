@@ -17,7 +17,14 @@ own options, stop conditions and seed, and each giving exactly the tokens that
   its own processors on its own ids, argmax or a draw from its own torch.Generator
   seeded as generate seeds a single row, its own stop ids and stop strings;
 * the columns are shared, so they run out (or a prompt longer than the columns so far
-  arrives): the cache is then rebuilt with each row's real columns right-aligned.
+  arrives): the cache is then rebuilt with each row's real columns right-aligned. A row
+  that could not finish within the context beside the live ones (aligned at the longest
+  row's end, it needs its own remaining columns after it) waits until rows leave.
+
+Events are sent once final: a token whose text might still turn out to be part of a
+stop string is held back with that text, and a token the stop string cuts away is
+never sent, so the events of a row add up to exactly its result. A row's last event
+carries its finish reason; it has no token (None) when the row ended on a stop id.
 
 Rows that cannot share a step (beam search, contrastive search, steering) run one at
 a time on a worker thread with `generate_tokens`, reported through the same events.
