@@ -40,7 +40,7 @@ from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .settings import ServeSettings
 
 OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/redoc")  # no API key needed
-PROTECTED_PREFIXES = ("/v1/", "/metrics")
+PROTECTED_PREFIXES = ("/v1/", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def create_app(
@@ -223,18 +223,32 @@ def _routes(app: FastAPI) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventStream(events, release, media_type="text/event-stream", headers=headers)
 
+    @app.get("/tokenizer_info", tags=["tokens"], responses=ERRORS)
+    def tokenizer_info(request: Request) -> dict:
+        """vLLM's tokenizer description: with it and /tokenize, lm-eval's
+        `local-completions` (tokenizer_backend auto or remote) uses this server's
+        tokenizer instead of fetching one from a hub."""
+        model = _model(request)
+        eot = model.tokenizer.decode([model.tokenizer.eot_token])
+        return {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot,
+                "pad_token": None, "model_max_length": model.cfg.n_ctx,
+                "vocab_size": model.cfg.d_vocab}  # fmt: skip
+
     @app.post("/v1/tokenize", tags=["tokens"], responses=ERRORS)
+    @app.post("/tokenize", tags=["tokens"], responses=ERRORS)
     def tokenize(body: TokenizeRequest, request: Request) -> dict:
-        """Token ids of a text (as completions tokenize it)."""
+        """Token ids of a text; "<|endoftext|>" is the special token, as in HF's and
+        vLLM's tokenizers (vLLM serves this at /tokenize too)."""
         model = _model(request)
         _check_model_name(request, body.model)
-        ids = model.tokenizer.encode(body.prompt)
+        ids = model.tokenizer.encode(body.prompt, allow_special=True)
         out = {"tokens": ids, "count": len(ids), "max_model_len": model.cfg.n_ctx}
         if body.return_token_strs:
             out["token_strs"] = [fmt.token_string(model.tokenizer, t) for t in ids]
         return out
 
     @app.post("/v1/detokenize", tags=["tokens"], responses=ERRORS)
+    @app.post("/detokenize", tags=["tokens"], responses=ERRORS)
     def detokenize(body: DetokenizeRequest, request: Request) -> dict:
         """The text of token ids."""
         model = _model(request)

@@ -118,6 +118,9 @@ class TokenizeRequest(BaseModel):
     prompt: str
     model: str | None = None
     return_token_strs: bool | None = False
+    # vLLM's flag (what lm-eval's remote tokenizer sends): GPT-2 adds no BOS/EOS, so it
+    # changes nothing; "<|endoftext|>" in the text is always the special token here.
+    add_special_tokens: bool | None = None
 
 
 class DetokenizeRequest(BaseModel):
