@@ -6,20 +6,16 @@ model.score, and streams, usage, stop, logit_bias and steering behave as documen
 from __future__ import annotations
 
 import math
-import socket
 import threading
-import time
 
 import httpx
+import openai
 import pytest
 import torch
 
 import gpt2lab
-from gpt2lab.serve import ServeSettings, create_app
+from gpt2lab.serve import BackgroundServer, ServeSettings, create_app
 from gpt2lab.steering import SteeringVector
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 NAME = "bundled"
 PROMPT = "ROMEO: What light"
@@ -27,25 +23,10 @@ HOOK = "blocks.1.hook_resid_pre"
 
 
 def start_server(app):
-    """uvicorn on a free loopback port in a thread; returns (base_url, stop)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:  # start-up, not a timed assertion
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-    return f"http://127.0.0.1:{port}", stop
+    """The app on a free loopback port in a thread (gpt2lab.serve.BackgroundServer);
+    returns (base_url, stop)."""
+    server = BackgroundServer(app)
+    return server.url, server.stop
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ServeSettings", "create_app"]
+__all__ = ["BackgroundServer", "ServeSettings", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from .settings import ServeSettings
 
         return ServeSettings
+    if name == "BackgroundServer":
+        from .background import BackgroundServer
+
+        return BackgroundServer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
