@@ -82,6 +82,7 @@ SAMPLE_SEED = 0
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: str = typer.Argument(
         ...,
         help="text to continue, or @FILE to read it from a file (empty: start from <|endoftext|>)",
@@ -186,38 +187,46 @@ def generate(
         temperature = SAMPLE_TEMPERATURE if temperature is None else temperature
         top_k = SAMPLE_TOP_K if top_k is None else top_k
         seed = SAMPLE_SEED if seed is None else seed
-
-    options = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        min_new_tokens=min_new_tokens, stop=stop or None, max_time=max_time, seed=seed,
-        penalty_alpha=penalty_alpha,
-    )  # fmt: skip
-    options = {k: v for k, v in options.items() if v is not None}
-    if num_beams != 1:
-        options["num_beams"] = num_beams
-    if length_penalty is not None:  # without beams, the API says it needs them
-        options["length_penalty"] = length_penalty
+    # checked before the load, as --steer's FILE[:COEF] is
+    config = generation_config(ctx.params, temperature=temperature, top_k=top_k, seed=seed)
     from .steer import parse_steer
 
-    pairs = [parse_steer(value) for value in steer_files]  # FILE[:COEF], checked before the load
+    pairs = [parse_steer(value) for value in steer_files]
     lm = load_model(model, dtype=dtype, device=device)  # int8: int8 weights, bf16 compute
+    steer = None
     if pairs:
         from ..steering import Steering, SteeringVector
 
-        options["steer"] = [
+        steer = [
             Steering(SteeringVector.load(path, lm), coef, steer_operator, steer_positions)
             for path, coef in pairs
         ]
+    options = config.to_dict()  # model.generate / stream take the options given, by name
     if stream:
         typer.echo(prompt, nl=False)
-        for piece in lm.stream(prompt, **options):
+        for piece in lm.stream(prompt, steer=steer, **options):
             typer.echo(piece, nl=False)
         typer.echo()
     else:
-        typer.echo(prompt + lm.generate(prompt, **options))
+        typer.echo(prompt + lm.generate(prompt, steer=steer, **options))
+
+
+def generation_config(params: dict, **overrides):
+    """The command's options that are GenerationConfig fields (the CLI names them as the
+    Python API does: --top-k is top_k), with `overrides` (the CLI's sampling defaults)
+    applied, as one validated `GenerationConfig`. Options left unset (None, no --stop)
+    are not given, so the config's own defaults hold."""
+    import dataclasses
+
+    from ..generation.config import GenerationConfig
+
+    fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    options = {
+        name: value
+        for name, value in {**params, **overrides}.items()
+        if name in fields and value is not None and value != [] and value != ()
+    }
+    return GenerationConfig.from_options(**options)
 
 
 @app.command()
