@@ -161,6 +161,14 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "tune-unknown-dtype": (["tune", "--dtypes", "fp8"], 1, "dtypes"),
     "tune-missing-model": (["tune", "--model", "{missing}"], 1, "does not exist"),
     "convert-missing": (["convert", "{missing}", "{missing}.gguf"], 1, "does not exist"),
+    "serve-missing-model": (["serve", "--model", "{missing}"], 1, "does not exist"),
+    "serve-bad-dtype": (["serve", "--dtype", "fp8"], 1, "--dtype"),
+    "serve-port-range": (["serve", "--port", "70000"], 2, "--port"),
+    "serve-max-batch-zero": (["serve", "--max-batch", "0"], 2, "--max-batch"),
+    "serve-queue-not-int": (["serve", "--max-queue", "lots"], 2, "--max-queue"),
+    "serve-timeout-zero": (["serve", "--request-timeout", "0"], 2, "--request-timeout"),
+    "serve-steering-missing": (["serve", "--steering-dir", "{missing}"], 1, "does not exist"),
+    "serve-lens-missing": (["serve", "--tuned-lens", "{missing}"], 1, "does not exist"),
     "convert-unknown-dtype": (["convert", "{small}", "{missing}.gguf", "--dtype", "q4_0"], 1, "q4_0"),
     "convert-unknown-format": (["convert", "{small}", "{missing}", "--format", "zip"], 1, "--format"),
     "convert-not-gguf": (["convert", "{binary}", "{missing}", "--format", "hf"], 1, "config.json"),
@@ -434,6 +442,18 @@ def test_bad_input_gives_one_line_and_exit_code(case, paths, offline, capsys, tm
     before = sorted(os.listdir(Path(paths["dir"])))
     assert_one_line(*run_main(argv, capsys), expected_code, fill([words], paths)[0])
     assert sorted(os.listdir(Path(paths["dir"]))) == before  # nothing left in the way
+
+
+def test_serve_on_a_port_in_use_says_so(capsys):
+    """The port is bound before the model loads: in use, it is one line, not a log."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, out, err = run_main(["serve", "--port", str(port)], capsys)
+    assert_one_line(code, out, err, 1, f"cannot listen on 127.0.0.1:{port}")
 
 
 def test_every_subcommand_is_covered():

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import typer
 
-from . import MODEL_HELP, app, threads_option, use_threads
+from .core import app
+from .options import (
+    device_option,
+    dtype_option,
+    load_model,
+    model_option,
+    threads_option,
+    use_threads,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()
 def serve(
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="float32, bfloat16, float16 or int8 (int8 weights, bf16 compute)"
-    ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    model: str | None = model_option(),
+    dtype: str = dtype_option(int8=True),
+    device: str = device_option(),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="address to listen on (loopback only unless told otherwise)"
     ),
@@ -98,10 +104,6 @@ def serve(
     server: uvicorn.Server | None = None
 
     def load():
-        from ..checkpoint import load as load_model
-
-        if dtype == "int8":
-            return load_model(model, device=device, quantize="int8")
         return load_model(model, dtype=dtype, device=device)
 
     def failed(message: str) -> None:
@@ -109,11 +111,40 @@ def serve(
         if server is not None:
             server.should_exit = True
 
+    sock = _listen(host, port)  # a port in use fails here, in one line, before loading
     application = create_app(None, settings, loader=load, on_load_error=failed)
-    config = uvicorn.Config(application, host=host, port=port, log_level="info")
+    config = uvicorn.Config(application, log_level="info")
     server = uvicorn.Server(config)
     if failure:  # failed before the server existed
         raise GPT2LabError(failure[0])
-    server.run()
+    bound = sock.getsockname()
+    typer.echo(
+        f"gpt2lab: serving on http://{host}:{bound[1]}/ (explorer page), API at /v1", err=True
+    )
+    with sock:
+        server.run(sockets=[sock])
     if failure:
         raise GPT2LabError(one_line(failure[0]))
+
+
+def _listen(host: str, port: int):
+    """A listening socket on host:port, or one line saying why not (in use, no such
+    address, no permission)."""
+    import socket
+
+    from ..errors import GPT2LabError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise GPT2LabError(f"--host {host}: {e.strerror or e}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise GPT2LabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
