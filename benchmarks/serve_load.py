@@ -49,6 +49,9 @@ PROMPTS = [
 ]
 
 
+TEMPERATURE = [1.0]  # --temperature (0: greedy)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,7 +126,7 @@ async def client_loop(
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             body = {"model": name, "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens,
-                    "temperature": 1.0, "seed": rng.randrange(2**31), "stream": True,
+                    "temperature": TEMPERATURE[0], "seed": rng.randrange(2**31), "stream": True,
                     "stream_options": {"include_usage": True}}  # fmt: skip
             tokens, error = await one_stream(client, url, body)
             stats["tokens"] += tokens
@@ -169,7 +172,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     args = ap.parse_args()
+    TEMPERATURE[0] = args.temperature
     model = medium_checkpoint() if args.model == "medium" else args.model
     port = free_port()
     proc = start_server(model, port, args.max_batch)
@@ -186,7 +191,10 @@ def main() -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print_machine(f"server: gpt2lab serve --model {args.model} --max-batch {args.max_batch}")
+    print_machine(
+        f"server: gpt2lab serve --model {args.model} --max-batch {args.max_batch}",
+        f"requests: streamed, {args.max_tokens} new tokens, temperature {args.temperature}",
+    )
     base = single["tokens"] / single["wall"]
     mib = 1 << 20
     print(f"\n{'clients':>8} {'requests':>9} {'tokens/s':>9} {'vs 1':>6} {'errors':>7} "

@@ -40,6 +40,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -256,6 +257,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._current: Job | None = None  # continuous=False: the job being served
         self._solo_busy = 0
+        self._pool: ThreadPoolExecutor | None = None  # draws of sampled rows (see _choose_all)
         # counters for /metrics (read without the lock: monotone ints)
         self.steps = 0
         self.tokens = 0
@@ -290,6 +292,8 @@ class Engine:
             self._waiting.clear()
         for job in jobs:
             job._stop(EngineClosed("the server is shutting down"))
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -466,17 +470,40 @@ class Engine:
             self._rows, self._cache = [], None
             return
         finished = set()
-        for i, live in enumerate(self._rows):
+        rows = [(live, logits[i : i + 1]) for i, live in enumerate(self._rows)]
+        for (live, _), pick in zip(rows, self._choose_all(rows), strict=True):
             if live.job.done:
                 finished.add(id(live))
                 continue
             try:
-                if self._advance(live, logits[i : i + 1]):
+                if isinstance(pick, Exception):
+                    raise pick
+                if self._record(live, *pick):
                     finished.add(id(live))
             except Exception as error:  # noqa: BLE001 - this row's job fails alone
                 live.job._fail(error)
                 finished.add(id(live))
         self._remove(lambda r: id(r) in finished or r.job.done)
+
+    def _choose_all(self, rows: list[tuple[_Live, torch.Tensor]]) -> list:
+        """Each row's (token, log-probs) or its exception. A sampled row's draw is serial
+        work (torch.multinomial fills a vocabulary of exponentials from the row's own
+        generator, about 1 ms): with several sampled rows the draws are spread over two
+        threads (torch releases the GIL; each row has its own generator, so the tokens
+        are the same whichever thread draws them)."""
+
+        def choose(item):
+            try:
+                return self._choose(*item)
+            except Exception as error:  # noqa: BLE001 - reported per row by the caller
+                return error
+
+        sampled = sum(live.gen is not None for live, _ in rows)
+        if sampled < 2:
+            return [choose(item) for item in rows]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="gpt2lab-draw")
+        return list(self._pool.map(choose, rows))
 
     def _drop_cancelled(self) -> None:
         cancelled = {id(r.job) for r in self._rows if r.job.cancelled}
@@ -490,6 +517,11 @@ class Engine:
     def _advance(self, live: _Live, logits: torch.Tensor) -> bool:
         """Choose `live`'s next token from its logits [1, vocab] (float32), report it; True
         when the row has finished."""
+        return self._record(live, *self._choose(live, logits))
+
+    def _choose(self, live: _Live, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """`live`'s next token and the raw log-probs [1, vocab] it was chosen from; touches
+        nothing shared (runs on a draw thread)."""
         logprobs = torch.log_softmax(logits, dim=-1)
         width = live.prompt_len + live.steps
         scores = live.pipeline(live.seq[:, :width], logits)
@@ -497,7 +529,11 @@ class Engine:
             token = _draw(torch.softmax(scores, dim=-1), [live.gen])
         else:
             token = scores.argmax(-1)
-        t = int(token)
+        return int(token), logprobs
+
+    def _record(self, live: _Live, t: int, logprobs: torch.Tensor) -> bool:
+        """Append token `t` to `live`, send what is final; True when the row has finished."""
+        width = live.prompt_len + live.steps
         lp = float(logprobs[0, t])
         if lp != lp:  # NaN: the logits went non-finite after the prompt
             raise _not_finite()
