@@ -153,3 +153,18 @@ def test_model_dependent_checks(ours):
             generate_tokens(ours, tokens, mask, GenerationConfig.from_options(**options))
     with pytest.raises(GPT2LabError, match="GenerationConfig"):
         generate_tokens(ours, tokens, mask, {"max_new_tokens": 3})
+
+
+def test_generate_and_stream_take_a_config(ours):
+    config = GenerationConfig.from_options(max_new_tokens=10, temperature=0.7, seed=5)
+    want = ours.generate("Hello", max_new_tokens=10, temperature=0.7, seed=5)
+    assert ours.generate("Hello", config=config) == want
+    assert "".join(ours.stream("Hello", config=config)) == want
+    # keyword options go on top of the config
+    assert ours.generate("Hello", config=config, seed=6) == ours.generate(
+        "Hello", max_new_tokens=10, temperature=0.7, seed=6
+    )
+    with pytest.raises(GPT2LabError, match="GenerationConfig"):
+        ours.generate("Hello", config={"max_new_tokens": 3})
+    with pytest.raises(GPT2LabError, match="beam"):
+        ours.stream("Hello", config=GenerationConfig.from_options(num_beams=2))

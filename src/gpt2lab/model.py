@@ -823,6 +823,8 @@ class GPT2(HookedModule):
         from .steering.apply import steered
 
         with steered(self, steer):
+            if options.get("config") is not None:  # a whole config: the defaults stay out
+                return generate(self, prompt, **options)
             return generate(self, prompt, **{**self.generation_defaults, **options})
 
     def stream(self, prompt: str, *, steer: Any = None, **options: Any):

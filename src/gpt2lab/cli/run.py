@@ -201,14 +201,13 @@ def generate(
             Steering(SteeringVector.load(path, lm), coef, steer_operator, steer_positions)
             for path, coef in pairs
         ]
-    options = config.to_dict()  # model.generate / stream take the options given, by name
     if stream:
         typer.echo(prompt, nl=False)
-        for piece in lm.stream(prompt, steer=steer, **options):
+        for piece in lm.stream(prompt, steer=steer, config=config):
             typer.echo(piece, nl=False)
         typer.echo()
     else:
-        typer.echo(prompt + lm.generate(prompt, steer=steer, **options))
+        typer.echo(prompt + lm.generate(prompt, steer=steer, config=config))
 
 
 def generation_config(params: dict, **overrides):

@@ -257,7 +257,10 @@ class _StopStrings:
 
 
 @torch.inference_mode()
-def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
+def generate(
+    model: GPT2, prompt, *, return_result: bool = False, config: GenerationConfig | None = None,
+    **options,
+):  # fmt: skip
     """Continue `prompt` (text, a list of texts, token ids or an id tensor).
 
     Greedy by default; sampling when `do_sample=True` or any of temperature / top_k /
@@ -283,7 +286,7 @@ def generate(model: GPT2, prompt, *, return_result: bool = False, **options):
     tokens, mask, is_text, single = _prompt_tokens(
         model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
     )
-    result = generate_tokens(model, tokens, mask, GenerationConfig.from_options(**options))
+    result = generate_tokens(model, tokens, mask, _config(config, options))
     if return_type is not None:
         if return_type == "input":
             return_type = "str" if is_text else "tokens"
@@ -437,7 +440,18 @@ def _generate_beams(model: GPT2, tokens, mask, config: GenerationConfig) -> Gene
     return result
 
 
-def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
+def _config(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+    """`config` (a GenerationConfig) with keyword `options` on top, or the options alone."""
+    if config is None:
+        return GenerationConfig.from_options(**options)
+    if not isinstance(config, GenerationConfig):
+        raise GPT2LabError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    return config.replace(**options) if options else config
+
+
+def stream(
+    model: GPT2, prompt: str, *, config: GenerationConfig | None = None, **options
+) -> Iterator[str]:
     """Yield the continuation of one text prompt piece by piece, as tokens are decoded.
 
     Pieces are whole UTF-8 characters, and text that might be the start of a stop
@@ -452,13 +466,14 @@ def stream(model: GPT2, prompt: str, **options) -> Iterator[str]:
     """
     if not isinstance(prompt, str):
         raise GPT2LabError("stream() takes one text prompt")
-    if wants_beams(options.get("num_beams"), options.get("num_beam_groups")):
-        raise GPT2LabError("stream() does not support beam search (it revises earlier tokens)")
     options = dict(options)
-    tokens, mask, _, _ = _prompt_tokens(
-        model, prompt, options.pop("prepend_bos", None), options.pop("padding_side", None)
-    )
-    s = resolve(model, GenerationConfig.from_options(**options), tokens.shape[1], 1)
+    bos, side = options.pop("prepend_bos", None), options.pop("padding_side", None)
+    if wants_beams(options.get("num_beams"), options.get("num_beam_groups")) or (
+        isinstance(config, GenerationConfig) and config.mode == "beam"
+    ):
+        raise GPT2LabError("stream() does not support beam search (it revises earlier tokens)")
+    tokens, mask, _, _ = _prompt_tokens(model, prompt, bos, side)
+    s = resolve(model, _config(config, options), tokens.shape[1], 1)
     return _in_context(contextvars.copy_context(), _pieces(model, tokens, mask, s))
 
 
