@@ -98,6 +98,12 @@ BAD = [
     ("unsteered without steering", ok(return_unsteered=True), 400, "steering",
      "return_unsteered"),
     ("body too large", ok(prompt="x" * 5000), 413, "limit", None),
+    # a lone surrogate (JSON's "\ud800") could not be encoded into the answer: was a 500
+    # (echo) or a stream cut without [DONE]
+    ("lone surrogate echoed", b'{"model": "bundled", "prompt": "a\\ud800", "echo": true}', 400,
+     "Unicode", "prompt"),
+    ("lone surrogate streamed", b'{"model": "bundled", "prompt": ["ok", "\\udfff"], '
+     b'"echo": true, "stream": true}', 400, "Unicode", "prompt"),
 ]  # fmt: skip
 
 
@@ -141,6 +147,53 @@ def test_other_bad_requests(server, method, path, body, headers, status):
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
     assert httpx.get(server + "/health").status_code == 200  # /health needs no key
+
+
+def test_a_body_that_is_not_sent_as_json_is_415(server):
+    """`curl -d` sends a form media type: one line saying to send JSON, not pydantic's
+    "Input should be a valid dictionary" (a cross-site form post is refused too)."""
+    for kind in ("application/x-www-form-urlencoded", "text/plain"):
+        r = httpx.post(server + "/v1/completions", content=b'{"model": "bundled", "prompt": "a"}',
+                       headers={**AUTH, "Content-Type": kind})  # fmt: skip
+        assert r.status_code == 415, r.text
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/completions", json=ok(max_tokens=1),
+                   headers={**AUTH, "Content-Type": "application/json; charset=utf-8"})  # fmt: skip
+    assert r.status_code == 200
+
+
+def test_a_body_short_of_its_length_is_408_not_held_forever(model):
+    """A client that sends less than its Content-Length and waits held the request open
+    for good (slowloris); now the body has body_timeout seconds to arrive."""
+    import socket
+
+    app = create_app(model, ServeSettings(model_name=NAME, body_timeout=0.2))
+    base, stop = start_server(app)
+    try:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{}")  # fmt: skip
+            head = sock.recv(4096).decode()
+        assert head.startswith("HTTP/1.1 408"), head
+        assert '"code":"request_timeout"' in head
+        r = httpx.post(base + "/v1/completions", json=ok(max_tokens=1))
+        assert r.status_code == 200
+    finally:
+        stop()
+
+
+def test_steering_positions_past_int64_steer_nothing(server, model):
+    """positions k (or from=k) beyond the context steers no position; k past int64 was an
+    OverflowError (500) inside the hook."""
+    direction = [float(i % 7) for i in range(model.cfg.d_model)]
+    plain = model.generate("Hello", max_new_tokens=3)
+    for positions in (10**30, "from=99999999999999999999999"):
+        steering = {"hook": W, "values": direction, "coefficient": 50.0, "positions": positions}
+        r = httpx.post(server + "/v1/completions", headers=AUTH,
+                       json=ok(max_tokens=3, temperature=0, steering=steering))  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == plain
 
 
 def test_a_failing_generation_is_400_or_an_error_event(server):

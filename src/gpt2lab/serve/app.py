@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -91,7 +92,7 @@ def create_app(
     _install_errors(app)
     _routes(app)
     _mount_extras(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     if settings.api_key is not None:
         app.add_middleware(ApiKey, key=settings.api_key)
     app.add_middleware(Timing, metrics=metrics)
@@ -153,7 +154,9 @@ ERRORS = {
     400: {"description": "Bad request (OpenAI error body)"},
     401: {"description": "Missing or wrong API key"},
     404: {"description": "Unknown model"},
+    408: {"description": "Body not received in time"},
     413: {"description": "Body too large"},
+    415: {"description": "Body not sent as JSON"},
     429: {"description": "Queue full or too many streams"},
     503: {"description": "Loading, shutting down or timed out"},
 }
@@ -353,6 +356,12 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and kind and not _is_json(kind):
+            # FastAPI reads only JSON media types as JSON (`curl -d` sends a form type):
+            # say so, rather than "Input should be a valid dictionary"
+            return _error(415, f"send the body as JSON with 'Content-Type: application/json' "
+                          f"(got {one_line(kind, 60)!r})", code="unsupported_media_type")  # fmt: skip
         message, param = validation_message(e.errors())
         return _error(400, message, param=param)
 
@@ -381,6 +390,13 @@ def _error(
 ) -> JSONResponse:
     return JSONResponse(fmt.error_body(message, kind, param, code), status_code=status,
                         headers=headers)  # fmt: skip
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json or application/*+json, as FastAPI decides whether to parse."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))  # fmt: skip
 
 
 BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "SteeringSpec", "StreamOptions"}
@@ -416,10 +432,11 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 # ---- ASGI layers -------------------------------------------------------------------------
 class BodyLimit:
     """413 for a body over `limit` bytes (by Content-Length, or counted as it arrives),
-    before any route parses it."""
+    before any route parses it; 408 for a body not all there within `timeout` seconds
+    (a client that stops short of its Content-Length would hold the request forever)."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -435,14 +452,20 @@ class BodyLimit:
             except ValueError:
                 return await _error(400, "bad Content-Length header")(scope, receive, send)
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # a disconnect: let the app see it
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                return await too_big(scope, receive, send)
+        try:
+            with anyio.fail_after(self.timeout):  # a body trickled in (or never finished)
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break  # a disconnect: let the app see it
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > self.limit:
+                        return await too_big(scope, receive, send)
+        except TimeoutError:
+            slow = _error(408, f"the request body did not arrive within {self.timeout:g} s",
+                          code="request_timeout", headers={"Connection": "close"})  # fmt: skip
+            return await slow(scope, receive, send)
         sent = False
 
         async def replay() -> dict:

@@ -139,6 +139,11 @@ def _prompts(model: Any, settings: Any, prompt: Any) -> tuple[list[list[int]], l
     ids_out, texts = [], []
     for i, item in enumerate(items):
         if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's "\ud800": no response could carry it back
+                raise fmt.ApiError(400, f"prompt {i} is not valid Unicode (a lone surrogate)",
+                                   param="prompt") from None  # fmt: skip
             ids = encode(tok, item, prepend_bos=bool(getattr(model, "default_prepend_bos", False)))
             text = item
         else:

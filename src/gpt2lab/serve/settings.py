@@ -29,6 +29,7 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000  # request bodies larger than this: 413
     max_streams: int = 16  # concurrent streaming responses; more: 429
     request_timeout: float = 300.0  # seconds a request may take; then 503 (or an error event)
+    body_timeout: float = 30.0  # seconds for a request's body to arrive; then 408
     steering_dir: str | None = None  # *.safetensors / *.gguf vectors, by file stem
     tuned_lens: str | None = None  # a tuned lens folder for /v1/interp
 
@@ -40,9 +41,14 @@ class ServeSettings:
                 raise GPT2LabError(f"{name} must be a whole number >= 1, got {value!r}")
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
             raise GPT2LabError(f"port must be in [0, 65535], got {self.port!r}")
-        timeout = self.request_timeout
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise GPT2LabError(f"request_timeout must be a number of seconds > 0, got {timeout!r}")
+        for name in ("request_timeout", "body_timeout"):
+            timeout = getattr(self, name)
+            if (
+                not isinstance(timeout, (int, float))
+                or isinstance(timeout, bool)
+                or not timeout > 0
+            ):
+                raise GPT2LabError(f"{name} must be a number of seconds > 0, got {timeout!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise GPT2LabError("api_key must be a non-empty string (or None for no key)")
 

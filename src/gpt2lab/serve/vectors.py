@@ -77,10 +77,22 @@ def build_steering(
                     f"{where}.positions must be all, prompt, generated, from=k or k, "
                     f"got {positions!r}"
                 )
+        positions = _capped(positions, model.cfg.n_ctx)
         steering = Steering(vector, spec.coefficient, spec.operator, positions, spec.preserve_norm)
         steering.hook_pairs(model)  # checks hooks and widths now, not mid-generation
         out.append(steering)
     return out
+
+
+def _capped(positions: str | int, n_ctx: int) -> str | int:
+    """`k` or `from=k` past the context steers no position, as `n_ctx` does; capped so
+    that a k beyond int64 is not an overflow inside the hook."""
+    k = positions if isinstance(positions, int) else None
+    if isinstance(positions, str) and positions.startswith("from="):
+        k = int(positions[5:])
+    if k is None or k <= n_ctx:
+        return positions
+    return n_ctx
 
 
 def _vector(spec: SteeringSpec, vectors: dict[str, SteeringVector], where: str) -> SteeringVector:
