@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 import gpt2lab
 from gpt2lab.serve import BackgroundServer, ServeSettings, create_app
@@ -64,6 +65,16 @@ def test_models_and_health(server, model):
     assert card["meta"]["n_layers"] == cfg.n_layers
     assert card["meta"]["vocabulary"] == cfg.d_vocab
     assert card["meta"]["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_model_id_with_a_slash(model):
+    """`--model owner/name` serves under that HF repo id: GET /v1/models/owner/name finds
+    it (the route took one path segment: a 404 for the server's own model)."""
+    client = TestClient(create_app(model, ServeSettings(model_name="openai-community/gpt2")))
+    r = client.get("/v1/models/openai-community/gpt2")
+    assert r.status_code == 200 and r.json()["id"] == "openai-community/gpt2"
+    r = client.get("/v1/models/openai-community/gpt3")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize(

@@ -185,8 +185,10 @@ def _routes(app: FastAPI) -> None:
         """The one model served, with its sizes."""
         return {"object": "list", "data": [_model_card(request)]}
 
-    @app.get("/v1/models/{model_id}", tags=["openai"], responses=ERRORS)
+    @app.get("/v1/models/{model_id:path}", tags=["openai"], responses=ERRORS)
     def model_info(model_id: str, request: Request) -> dict:
+        """The model by its id; an HF repo id (owner/name, the default name for
+        `--model owner/name`) holds a slash, as in vLLM's ids."""
         card = _model_card(request)
         if model_id != card["id"]:
             raise fmt.ApiError(404, f"the model {model_id!r} does not exist here",
