@@ -9,10 +9,11 @@ malformed JSON become 400s with one line naming the field, not FastAPI's 422. Th
 server holds no state a request can corrupt: no route reads or writes a path taken from
 a request (steering vectors and the tuned lens are loaded at start-up).
 
-Around the routes, three plain ASGI layers (outermost first): metrics (latency and
+Around the routes, four plain ASGI layers (outermost first): metrics (latency and
 status per route template), the API key (when one is set: /v1 and /metrics need
-`Authorization: Bearer KEY`), and the body-size limit (413 past max_body_bytes, read
-before anything parses it).
+`Authorization: Bearer KEY`), the body-size limit (413 past max_body_bytes, read
+before anything parses it; 408 when it does not arrive in time), and JSON only (415
+for a POST body of another media type).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def create_app(
     _install_errors(app)
     _routes(app)
     _mount_extras(app)
+    app.add_middleware(JsonOnly)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     if settings.api_key is not None:
         app.add_middleware(ApiKey, key=settings.api_key)
@@ -358,12 +360,6 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        kind = request.headers.get("content-type", "")
-        if request.method == "POST" and kind and not _is_json(kind):
-            # FastAPI reads only JSON media types as JSON (`curl -d` sends a form type):
-            # say so, rather than "Input should be a valid dictionary"
-            return _error(415, f"send the body as JSON with 'Content-Type: application/json' "
-                          f"(got {one_line(kind, 60)!r})", code="unsupported_media_type")  # fmt: skip
         message, param = validation_message(e.errors())
         return _error(400, message, param=param)
 
@@ -478,6 +474,26 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class JsonOnly:
+    """415 for a POST whose Content-Type is not JSON: every body here is JSON, and FastAPI
+    reads only JSON media types as JSON (`curl -d` sends a form type, which got pydantic's
+    "Input should be a valid dictionary"); a cross-site form post is refused here too."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            kind = dict(scope.get("headers") or []).get(b"content-type", b"")
+            kind = kind.decode("latin-1")
+            if kind and not _is_json(kind):
+                refused = _error(415, f"send the body as JSON with 'Content-Type: "
+                                 f"application/json' (got {one_line(kind, 60)!r})",
+                                 code="unsupported_media_type")  # fmt: skip
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class ApiKey:
