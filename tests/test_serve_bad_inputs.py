@@ -187,6 +187,41 @@ def test_a_body_short_of_its_length_is_408_not_held_forever(model):
         stop()
 
 
+def test_a_client_leaving_a_non_streaming_request_cancels_its_rows(model):
+    """A client that gave up on a non-streaming completion left its rows decoding to
+    max_tokens for nobody (a few such requests fill the batch); now they leave it."""
+    import json
+    import socket
+
+    model.generate("warm", max_new_tokens=2)  # a first decode may wait for kernels
+    app = create_app(model, ServeSettings(model_name=NAME, max_tokens_cap=240))
+    base, stop = start_server(app)
+    engine = app.state.engine
+    tick = threading.Event()  # never set: wait(0.01) is a short pause
+    try:
+        body = json.dumps(ok(max_tokens=240, n=32, ignore_eos=True)).encode()
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))  # fmt: skip
+            for _ in range(30000):  # until the rows decode (bounded)
+                if engine.active_rows:
+                    break
+                tick.wait(0.01)
+            assert engine.active_rows > 0
+        for _ in range(3000):  # the server notices the closed connection (bounded)
+            if engine.active_rows == 0 and engine.queue_length == 0:
+                break
+            tick.wait(0.01)
+        assert engine.active_rows == 0 and engine.queue_length == 0
+        assert app.state.metrics.requests[("POST", "/v1/completions", 499)] == 1
+        r = httpx.post(base + "/v1/completions", json=ok(max_tokens=3, temperature=0), timeout=300)
+        assert r.json()["choices"][0]["text"] == model.generate("Hello", max_new_tokens=3)
+    finally:
+        stop()
+
+
 def test_steering_positions_past_int64_steer_nothing(server, model):
     """positions k (or from=k) beyond the context steers no position; k past int64 was an
     OverflowError (500) inside the hook."""

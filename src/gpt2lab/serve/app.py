@@ -208,7 +208,8 @@ def _routes(app: FastAPI) -> None:
         deadline = time.monotonic() + s.request_timeout
         prompt_tokens = sum(len(p) for p in plan.prompts)
         if not plan.stream:
-            result = await completions.complete(model, state.engine, plan, deadline)
+            result = await completions.complete(model, state.engine, plan, deadline,
+                                                request.is_disconnected)  # fmt: skip
             state.metrics.tokens(prompt_tokens, result["usage"]["completion_tokens"])
             return JSONResponse(result)
         with state.streams_lock:

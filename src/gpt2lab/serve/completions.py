@@ -32,6 +32,7 @@ from .vectors import build_steering
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's: an unset temperature samples
+GONE_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
 @dataclass
@@ -255,14 +256,19 @@ async def next_event(events: Any) -> Any:
     return await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True)
 
 
-async def run(engine: Any, plan: Plan, deadline: float) -> list[RowResult]:
-    """Every row to its end (non-streaming): the engine's final results."""
+async def run(engine: Any, plan: Plan, deadline: float, gone: Any = None) -> list[RowResult]:
+    """Every row to its end (non-streaming): the engine's final results. `gone` (an async
+    callable: has the client left?) is asked every GONE_POLL seconds meanwhile; a client
+    that left cancels the job, whose rows would otherwise decode to max_tokens for nobody."""
     job = submit(engine, plan)
     try:
         with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
-            events = job.events()
-            while await next_event(events) is not None:
-                pass
+            while not await anyio.to_thread.run_sync(job.wait, GONE_POLL,
+                                                     abandon_on_cancel=True):  # fmt: skip
+                if gone is not None and await gone():
+                    raise fmt.ApiError(499, "the client closed the connection",
+                                       code="client_closed")  # fmt: skip
+        finished = job.results(0)  # the job's error, if it failed, is raised here
     except TimeoutError:
         job.cancel()
         raise timeout_error(plan) from None
@@ -277,7 +283,7 @@ async def run(engine: Any, plan: Plan, deadline: float) -> list[RowResult]:
             r.text,
             _reason(r.finish_reason),
         )  # fmt: skip
-        for r in job.results()
+        for r in finished
     ]
 
 
@@ -360,14 +366,15 @@ def _tops(top: list | None, plan: Plan) -> list | None:
     return [(t, _finite(v)) for t, v in top] if plan.top_n else []
 
 
-async def complete(model: Any, engine: Any, plan: Plan, deadline: float) -> dict[str, Any]:
-    """A whole (non-streaming) completion response."""
+async def complete(model: Any, engine: Any, plan: Plan, deadline: float,
+                   gone: Any = None) -> dict[str, Any]:  # fmt: skip
+    """A whole (non-streaming) completion response (`gone`: see `run`)."""
     want_echo_lp = plan.echo and plan.top_n is not None
     echoes = await echo_logprobs(model, plan, plan.steer) if want_echo_lp else None
     plain = (await echo_logprobs(model, plan, None)
              if want_echo_lp and plan.unsteered else None)  # fmt: skip
     if plan.max_tokens:
-        results = await run(engine, plan, deadline)
+        results = await run(engine, plan, deadline, gone)
     else:
         empty = RowResult([], [], [], "", "length")
         results = [empty] * (plan.choices * (2 if plan.unsteered else 1))

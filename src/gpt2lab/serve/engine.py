@@ -148,6 +148,10 @@ class Job:
             raise self.error
         return self._results
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the job has ended, waiting up to `timeout` seconds for it."""
+        return self._done.wait(timeout)
+
     def cancel(self) -> None:
         """Stop the job (the client went away): its rows leave the batch at the next step."""
         with self._lock:
