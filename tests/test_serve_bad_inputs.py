@@ -44,7 +44,8 @@ BAD = [
     ("malformed JSON", b'{"model": "bundled", "prompt": ', 400, "JSON", None),
     ("NaN", b'{"model": "bundled", "prompt": "a", "temperature": NaN}', 400, "finite",
      "temperature"),
-    ("not an object", [1, 2], 400, "", None),
+    ("not an object", [1, 2], 400, "JSON object", None),
+    ("a JSON string", b'"prompt"', 400, "JSON object", None),
     ("empty body", b"", 400, "body", None),
     ("no prompt", {"model": NAME}, 400, "prompt", "prompt"),
     ("no model", {"prompt": "a"}, 400, "model", "model"),
@@ -140,6 +141,7 @@ def test_bad_completion_requests(server, body, status, word, param):
         ("POST", "/v1/tokenize", {"prompt": "a", "model": "gpt-4"}, AUTH, 404),
         ("POST", "/v1/detokenize", {"tokens": [50257]}, AUTH, 400),
         ("POST", "/v1/detokenize", {"tokens": "abc"}, AUTH, 400),
+        ("POST", "/v1/interp/tokens", [1], AUTH, 400),
     ],
 )
 def test_other_bad_requests(server, method, path, body, headers, status):

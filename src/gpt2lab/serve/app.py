@@ -420,6 +420,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"unrecognized request argument: {field}", field
     if kind == "missing" and not loc:
         return "the request needs a JSON body", None
+    if not loc and kind in ("model_attributes_type", "model_type", "dict_type"):
+        return "the request body must be a JSON object", None
     if kind == "missing":
         return f"{field} is required", field
     msg = msg.removeprefix("Value error, ")

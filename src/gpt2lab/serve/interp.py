@@ -86,6 +86,8 @@ def _validation_error(e: RequestValidationError) -> Response:
         return error_response("the request body is not valid JSON", code="invalid_json")
     if first.get("type") == "missing" and not loc:
         return error_response("the request needs a JSON object body")
+    if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        return error_response("the request body must be a JSON object")
     param = loc[0] if loc else None
     message = first.get("msg", "invalid value")
     same_field = [
