@@ -99,7 +99,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, run in runs.items():
                 best[name] = min(best[name], run())
-    print_machine(f"gpt2-medium shapes, {args.layers} layers, best of {args.rounds} interleaved rounds")
+    print_machine(
+        f"gpt2-medium shapes, {args.layers} layers, best of {args.rounds} interleaved rounds"
+    )
     print("\n## Per-token time outside the weight reads (batch 1, 17th token)\n")
     print("| dtype | step ms | matmuls ms | overhead ms | overhead share |")
     print("|---|---:|---:|---:|---:|")

@@ -169,8 +169,16 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "serve-timeout-zero": (["serve", "--request-timeout", "0"], 2, "--request-timeout"),
     "serve-steering-missing": (["serve", "--steering-dir", "{missing}"], 1, "does not exist"),
     "serve-lens-missing": (["serve", "--tuned-lens", "{missing}"], 1, "does not exist"),
-    "convert-unknown-dtype": (["convert", "{small}", "{missing}.gguf", "--dtype", "q4_0"], 1, "q4_0"),
-    "convert-unknown-format": (["convert", "{small}", "{missing}", "--format", "zip"], 1, "--format"),
+    "convert-unknown-dtype": (
+        ["convert", "{small}", "{missing}.gguf", "--dtype", "q4_0"],
+        1,
+        "q4_0",
+    ),
+    "convert-unknown-format": (
+        ["convert", "{small}", "{missing}", "--format", "zip"],
+        1,
+        "--format",
+    ),
     "convert-not-gguf": (["convert", "{binary}", "{missing}", "--format", "hf"], 1, "config.json"),
     "info-missing": (["info", "{missing}"], 1, "does not exist"),
     "info-empty-dir": (["info", "{dir}"], 1, "config.json"),

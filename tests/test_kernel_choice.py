@@ -221,7 +221,8 @@ def test_a_timed_run_goes_over_copies_totalling_twice_the_cache(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "rows, bucket", [(1, 1), (2, 2), (3, 4), (8, 8), (9, 16), (500, 512), (1024, 1024), (10**6, 1024)]
+    "rows, bucket",
+    [(1, 1), (2, 2), (3, 4), (8, 8), (9, 16), (500, 512), (1024, 1024), (10**6, 1024)],
 )
 def test_row_buckets(rows, bucket):
     assert row_bucket(rows) == bucket
@@ -324,8 +325,9 @@ def test_every_attention_candidate_is_attention(T, S, masked, dtype):
     with torch.inference_mode():
         names = attention.candidates(q, k, mask)
         # at inference: more for one query, and for bf16 prefill
-        assert names[0] == "sdpa" and len(names) == 1 + (T == 1) * (1 + (dtype != torch.float32)) + (
-            T > 1 and dtype == torch.bfloat16)
+        assert names[0] == "sdpa" and len(names) == 1 + (T == 1) * (
+            1 + (dtype != torch.float32)
+        ) + (T > 1 and dtype == torch.bfloat16)
         for name in names:
             with kernels.force("attend", name):
                 got = attention.attend(q, k, v, mask, 0.25)

@@ -285,15 +285,17 @@ def test_bf16_and_int8_perplexity_of_the_bundled_model_stay_near_fp32():
 
     fp32 = load("bundled").perplexity(HAMLET)
     half = load("bundled", dtype="bfloat16")
-    for linear in ("aten", "onednn", "native"):
+    for linear_kind in ("aten", "onednn", "native"):
         for attend in ("sdpa", "bmm"):
-            with kernels.force("linear", linear), kernels.force("attend", attend):
+            with kernels.force("linear", linear_kind), kernels.force("attend", attend):
                 bf16 = half.perplexity(HAMLET)
-            assert abs(bf16 / fp32 - 1) < 1e-3, (linear, attend, fp32, bf16)
+            assert abs(bf16 / fp32 - 1) < 1e-3, (linear_kind, attend, fp32, bf16)
     int8 = load("bundled", quantize="int8")
     for kernel in ("torch", "native"):
         for unembed in ("dense", "int8"):
             with kernels.force("int8", kernel), kernels.force("dense_or_int8", unembed):
                 ppl = int8.perplexity(HAMLET)
-            print(f"perplexity fp32 {fp32:.3f} bf16 {bf16:.3f} int8 ({kernel}, {unembed}) {ppl:.3f}")
+            print(
+                f"perplexity fp32 {fp32:.3f} bf16 {bf16:.3f} int8 ({kernel}, {unembed}) {ppl:.3f}"
+            )
             assert abs(ppl / fp32 - 1) < 5e-3, (kernel, unembed, fp32, ppl)

@@ -98,7 +98,9 @@ def machine_key() -> str:
     except OSError:
         pass
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"{model} | flags {digest} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    return (
+        f"{model} | flags {digest} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    )
 
 
 def _forced_by_env() -> dict[str, str]:
@@ -158,7 +160,9 @@ class Chooser:
     Thread-safe: a case is timed by one thread while others asking for the same case
     wait for its answer; the dict is only ever added to."""
 
-    def __init__(self, path: str | os.PathLike | None = None, clock: Callable[[], float] | None = None):
+    def __init__(
+        self, path: str | os.PathLike | None = None, clock: Callable[[], float] | None = None
+    ):
         self.path = Path(path) if path is not None else self.default_path()
         self.clock = clock or time.perf_counter
         self.choices: dict[tuple, Choice] = {}  # decided in this process (or checked)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import platform
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ def _onednn_fused(x, weight, bias, act):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gemv(kind: str):
     """native's kernel `kind` (or None), looked up once per process: the getter reads two
     environment switches (~4 us), and a decode step calls ~100 kernels."""

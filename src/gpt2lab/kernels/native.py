@@ -48,9 +48,9 @@ import os
 import platform
 import sys
 import threading
-from functools import lru_cache
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 NAME = "gpt2lab_gemv"
@@ -152,7 +152,7 @@ def _build():
         from torch.utils import cpp_extension
 
         here = Path(__file__).parent
-        build_dir = Path(cpp_extension._get_build_directory(NAME, False))
+        build_dir = _build_dir(cpp_extension, here)
         with _build_lock(build_dir):
             building = _say_if_building(build_dir)
             start = _clock()
@@ -162,6 +162,7 @@ def _build():
                 extra_include_paths=[str(here)],
                 extra_cflags=["-O3", "-fopenmp", f"-DGPT2LAB_HEADERS={_headers_hash(here)}"],
                 extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
                 verbose=False,
             )  # fmt: skip
             if building:
@@ -176,6 +177,18 @@ def _build():
             flush=True,
         )
         return None
+
+
+def _build_dir(cpp_extension, here: Path) -> Path:
+    """torch's extension folder for NAME, one subfolder per installed copy of gpt2lab:
+    torch's cache keys on the source paths, so two checkouts (two venvs, a CI clone)
+    sharing one folder would each rebuild the module over the other's, every time."""
+    import hashlib
+
+    tag = hashlib.sha256(str(here.resolve()).encode()).hexdigest()[:12]
+    path = Path(cpp_extension._get_build_directory(NAME, False)) / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _headers_hash(here: Path) -> str:
