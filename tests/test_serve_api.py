@@ -126,8 +126,10 @@ def test_logprobs_equal_generate(client, model):
     assert lp.tokens == [model.tokenizer.decode([t]) for t in ref.tokens[0]]
     assert "".join(lp.tokens) == out.choices[0].text == ref.texts[0]
     assert lp.token_logprobs == pytest.approx(ref.logprobs[0], abs=1e-4)
-    for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert len(top) == 3
+    for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) in (3, 4)  # the 3 likeliest, and the sampled token (as OpenAI)
+        assert top[token] == pytest.approx(token_lp, abs=1e-6)
+        assert len(top) == 3 or token_lp < sorted(top.values())[-3] - 1e-6
         assert max(top.values()) >= token_lp - 1e-6
     offsets = [len(PROMPT)]
     for token in lp.tokens[:-1]:
@@ -146,8 +148,11 @@ def test_echo_max_tokens_0_equals_score(client, model):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert math.isnan(score.logprobs[0])
     assert lp.token_logprobs[1:] == pytest.approx(score.logprobs[1:], abs=1e-4)
-    for token_lp, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
-        assert len(top) == 2 and max(top.values()) >= token_lp - 1e-6
+    for token, token_lp, top in zip(
+        lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True
+    ):
+        assert len(top) in (2, 3) and max(top.values()) >= token_lp - 1e-6
+        assert top[token] == pytest.approx(token_lp, abs=1e-6)
     assert out.usage.completion_tokens == 0
     assert out.usage.prompt_tokens == len(score.tokens)
 

@@ -5,7 +5,8 @@ Kept apart from the request handling so that the wire format, which clients pars
 lm-eval reads `choices[i].logprobs.token_logprobs[ctxlen:-1]` and compares each with
 `max(top_logprobs[j].values())` to decide greediness, so prompt positions and the
 generated ones share one list, the first prompt token's entry is null, and every
-top_logprobs dict holds the most likely tokens of its position.
+top_logprobs dict holds the most likely tokens of its position (and, as OpenAI's, the
+chosen token: up to N + 1 entries).
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class Logprobs:
             entry: dict[str, float] = {}
             for t, lp in top[: self.top_n]:
                 entry.setdefault(token_string(self.tokenizer, int(t)), float(lp))
+            if logprob is not None:  # as OpenAI: the chosen token is always there too, so
+                # a dict holds up to N + 1 entries (one with logprobs=0)
+                entry.setdefault(self.tokens[-1], float(logprob))
             self.top_logprobs.append(entry)
         self.text_offset.append(self.chars)
         self.chars += len(self._utf8.decode(self.tokenizer.token_bytes(token)))
@@ -92,7 +96,7 @@ class Logprobs:
         return {
             "tokens": self.tokens[start:],
             "token_logprobs": self.token_logprobs[start:],
-            "top_logprobs": self.top_logprobs[start:] if self.top_n else None,
+            "top_logprobs": self.top_logprobs[start:],
             "text_offset": self.text_offset[start:],
         }
 
