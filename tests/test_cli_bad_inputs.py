@@ -167,6 +167,8 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "serve-max-batch-zero": (["serve", "--max-batch", "0"], 2, "--max-batch"),
     "serve-queue-not-int": (["serve", "--max-queue", "lots"], 2, "--max-queue"),
     "serve-timeout-zero": (["serve", "--request-timeout", "0"], 2, "--request-timeout"),
+    "serve-connections-zero": (["serve", "--max-connections", "0"], 2, "--max-connections"),
+    "serve-body-timeout-zero": (["serve", "--body-timeout", "0"], 2, "--body-timeout"),
     "serve-steering-missing": (["serve", "--steering-dir", "{missing}"], 1, "does not exist"),
     "serve-lens-missing": (["serve", "--tuned-lens", "{missing}"], 1, "does not exist"),
     "convert-unknown-dtype": (

@@ -67,6 +67,12 @@ def serve(
     request_timeout: float = typer.Option(
         300.0, "--request-timeout", min=0.001, help="seconds a request may take; then 503"
     ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.001, help="seconds to wait for a request body; then 408"
+    ),
+    max_connections: int = typer.Option(
+        256, "--max-connections", min=1, help="open connections at once; more: 503"
+    ),
     threads: int | None = threads_option(),
 ) -> None:
     """Serve the model over HTTP: OpenAI's /v1/completions (with gpt2lab's decoder options
@@ -93,6 +99,7 @@ def serve(
         max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap,
         max_choices=max_choices, max_body_bytes=max_body_bytes, max_streams=max_streams,
         request_timeout=request_timeout, steering_dir=steering_dir, tuned_lens=tuned_lens,
+        body_timeout=body_timeout,
     )  # fmt: skip
     if host not in LOOPBACK and api_key is None:
         typer.echo(
@@ -113,7 +120,9 @@ def serve(
 
     sock = _listen(host, port)  # a port in use fails here, in one line, before loading
     application = create_app(None, settings, loader=load, on_load_error=failed)
-    config = uvicorn.Config(application, log_level="info")
+    # limit_concurrency bounds open connections (uvicorn answers 503 past it): a client
+    # that holds connections open (slow headers) cannot take the server's memory.
+    config = uvicorn.Config(application, log_level="info", limit_concurrency=max_connections)
     server = uvicorn.Server(config)
     if failure:  # failed before the server existed
         raise GPT2LabError(failure[0])
