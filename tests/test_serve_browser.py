@@ -51,8 +51,9 @@ def install_chromium() -> None:
         subprocess.run(install, env=env, capture_output=True)
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")
+def browser():  # module scope: Playwright's sync API keeps an event loop running in this
+    # thread while it is open, which would break every later test that calls asyncio.run
     install_chromium()
     if not CHROMIUM.exists():
         pytest.fail(

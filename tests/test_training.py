@@ -255,6 +255,7 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
 
 
+@pytest.mark.slow  # ~70 s on 2 cores: the default suite keeps the fast training checks
 def test_memorises_a_2kb_text(tmp_path):
     (tmp_path / "prose.txt").write_text(PROSE)
     assert 1900 <= len(PROSE.encode()) <= 2200
