@@ -324,8 +324,9 @@ def test_a_killed_build_leaves_no_lock_that_blocks_later_runs(tmp_path):
     # here it builds with a failing compiler, so it falls back, in one stderr line.
     env = dict(CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     build_dir = Path(
-        _run("from torch.utils import cpp_extension as c; "
-             f"print(c._get_build_directory({native.NAME!r}, False))", **env).stdout.strip()
+        _run("from pathlib import Path; from torch.utils import cpp_extension as c; "
+             "from gpt2lab.kernels import native; "
+             "print(native._build_dir(c, Path(native.__file__).parent))", **env).stdout.strip()
     )  # fmt: skip
     assert build_dir.is_relative_to(tmp_path)  # the test's own extension cache
     holder = _start_holder(build_dir)
@@ -363,8 +364,10 @@ def test_a_first_build_says_it_may_take_minutes_then_how_long_it_took(
     from torch.utils import cpp_extension
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build_dir = Path(cpp_extension._get_build_directory(native.NAME, False))
+    build_dir = native._build_dir(cpp_extension, Path(native.__file__).parent)
     assert build_dir.is_relative_to(tmp_path)
+    # another installed copy (another checkout, venv) builds in a folder of its own
+    assert native._build_dir(cpp_extension, tmp_path / "other-copy") != build_dir
     times = iter([100.0, 141.4, 200.0, 201.0])
     monkeypatch.setattr(native, "_clock", lambda: next(times))
     built = []
