@@ -198,8 +198,9 @@ NEGATIVE_WORDS = ("hate hated death dead die dies kill killed blood bloody murde
 
 @pytest.mark.slow  # (moved out of the default suite: several seconds)
 def test_love_hate_vector_moves_word_counts_and_random_does_not():
-    """A mean-difference love/hate vector at blocks.1.hook_resid_pre, coefficient +-2, 50
-    seeded samples (2 prompts x 25, 24 tokens). With D = positive - negative count:
+    """A mean-difference love/hate vector at blocks.1.hook_resid_pre, coefficient +-2, 120
+    seeded samples (2 prompts x 60, 24 tokens; 50 were too few once sampling seeds became
+    per row: one other draw of 50 showed no rise in the positive count). With D = positive - negative count:
 
     - at +2 both lists move as intended: positive up by >= 5, negative down;
     - at -2 it moves the other way: positive does not rise, and the swing D(+2) - D(-2)
@@ -211,14 +212,14 @@ def test_love_hate_vector_moves_word_counts_and_random_does_not():
     model = gl.load("bundled")
     v = mean_difference(model, LOVE, HATE, layers=1)
     result = sweep(
-        model, v, ["ROMEO:\n", "I am"], coefficients=[-2.0, 2.0], n_samples=25,
+        model, v, ["ROMEO:\n", "I am"], coefficients=[-2.0, 2.0], n_samples=60,
         max_new_tokens=24, seed=0, words=(POSITIVE_WORDS, NEGATIVE_WORDS),
     )  # fmt: skip
     print("\n" + result.table())
     base = result.row("unsteered")
     up, down = result.row("steered", 2.0), result.row("steered", -2.0)
     r_up, r_down = result.row("random", 2.0), result.row("random", -2.0)
-    assert base["n"] == up["n"] == 50
+    assert base["n"] == up["n"] == 120
 
     def d(row):
         return row["positive"] - row["negative"]

@@ -9,10 +9,11 @@ alone.
 
 Samples and seeds. The continuations of one cell are generated as one batch of fixed
 composition: row r = i * n_samples + j is sample j of prompt i, in chunks of at most
-`batch_size` rows, chunk k drawn with seed `seed + k`. The sampler draws every row at
-every step in row order from the chunk's generator, so row r consumes the same random
-numbers in every cell (common random numbers): a sample's text depends on (seed, r)
-and the steering, never on what the other rows did. Coefficient 0 with "add" is the
+`batch_size` rows, the chunk starting at row r0 drawn with seed `seed + r0`. Generation
+seeds rows one by one (row b of a call with seed s samples with seed s + b), so row r
+samples with seed `seed + r` in every cell (common random numbers), and no two rows
+share a seed: a sample's text depends on (seed, r) and the steering, never on what
+the other rows did. Coefficient 0 with "add" is the
 unsteered model bit for bit (steering's zero-vector guarantee), so it is not rerun.
 
 Metrics of a cell (all over the continuations only, never the prompt):
@@ -193,10 +194,10 @@ def sweep(
 
     def run(steering: Steering | None) -> list[list[int]]:
         tokens = []
-        for k, start in enumerate(range(0, len(batch), batch_size)):
+        for start in range(0, len(batch), batch_size):
             chunk = batch[start : start + batch_size]
             result = model.generate(
-                chunk, steer=steering, seed=seed + k, return_result=True, **options
+                chunk, steer=steering, seed=seed + start, return_result=True, **options
             )
             tokens += result.tokens
         return tokens
@@ -226,7 +227,7 @@ def sweep(
             for r, prompt in enumerate(batch):
                 samples.append({
                     "hook": hook, "coefficient": c, "prompt": prompt,
-                    "seed": seed + r // batch_size, "row": r % batch_size,
+                    "seed": seed + r, "row": r,
                     "unsteered": decode(base_tokens[r]), "steered": texts["steered", c][r],
                     "random": texts["random", c][r] if random_baseline else None,
                 })  # fmt: skip
