@@ -156,18 +156,23 @@ class GenerationConfig:
     ) -> LogitsPipeline:
         """The logits processors for a prompt of `prompt_len` columns (`pad_lengths`
         [rows]: left padding, kept out of the penalties). Warpers only when sampling."""
-        opts = {k: getattr(self, k) for k in PENALTY_OPTIONS}
-        if self.sample:
-            opts.update({k: getattr(self, k) for k in SAMPLING_OPTIONS})
         return build_pipeline(
-            temperature=self.temperature if self.sample else None,
+            **self._processor_options(),
             prompt_len=prompt_len,
             eos_token_id=model.tokenizer.eot_token,
             pad_lengths=pad_lengths,
             bad_words_ids=self.banned(model),
             logit_bias=dict(self.logit_bias) if self.logit_bias else None,
-            **opts,
         )
+
+    def _processor_options(self) -> dict[str, Any]:
+        """The penalties, and the temperature and warpers when sampling (warpers only
+        reshape the distribution a sampler draws from)."""
+        opts = {k: getattr(self, k) for k in PENALTY_OPTIONS}
+        if self.sample:
+            opts.update({k: getattr(self, k) for k in SAMPLING_OPTIONS})
+        opts["temperature"] = self.temperature if self.sample else None
+        return opts
 
     def banned(self, model: GPT2) -> list[list[int]] | None:
         """bad_words and bad_words_ids as token sequences (words tokenized as given)."""
@@ -437,7 +442,4 @@ def _max_time(value: Any) -> float | None:
 def _check_processors(config: GenerationConfig) -> None:
     """Build the processors once, with no model, so a bad value (top_p=2, a negative
     penalty) is refused now rather than at the first decoding step."""
-    opts = {k: getattr(config, k) for k in PENALTY_OPTIONS}
-    if config.sample:
-        opts.update({k: getattr(config, k) for k in SAMPLING_OPTIONS})
-    build_pipeline(temperature=config.temperature if config.sample else None, **opts)
+    build_pipeline(**config._processor_options())
