@@ -119,8 +119,11 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor q_sum,
   return y;
 }
 
+void register_step(pybind11::module_& m);  // step.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
+  register_step(m);
   m.def("f32_gemv", &f32_gemv, "float32 GEMV for a few rows (AVX-512F)", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("act") = 0);
   m.def("bf16_gemv", &bf16_gemv, "bf16 GEMV for a few rows (AVX-512 BF16)", py::arg("x"),

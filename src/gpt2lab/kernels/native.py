@@ -54,8 +54,8 @@ from functools import lru_cache
 from pathlib import Path
 
 NAME = "gpt2lab_gemv"
-SOURCES = ("gemv.cpp", "gemv_f32.cpp", "gemv_bf16.cpp", "gemv_int8.cpp")
-DEPENDS = ("gemv.h", "gemv_common.h")  # part of the build's hash: an edit rebuilds
+SOURCES = ("gemv.cpp", "gemv_f32.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "step.cpp", "step_ops.cpp")
+DEPENDS = ("gemv.h", "gemv_common.h", "step.h")  # part of the build's hash: an edit rebuilds
 BUILD_WAIT_S = 600.0  # longest wait for another process's build before falling back
 
 # The CPU flags (as /proc/cpuinfo names them) each kernel needs, and the multiple of
@@ -144,6 +144,13 @@ def int8_gemv():
     """The compiled `int8_gemv(x, q, q_sum, scales, bias, act)`, or None where it is
     switched off, unsupported or fails to build."""
     return _kernel("int8")
+
+
+def step_class(kind: str):
+    """The compiled `Step` class (step.cpp: a whole decoding step in one call) for
+    activations of kernel `kind` ("f32", "bf16", "int8"), or None where that kernel is
+    switched off, unsupported or fails to build."""
+    return None if _kernel(kind) is None else getattr(_load(), "Step", None)
 
 
 def _build():

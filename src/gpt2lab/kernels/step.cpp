@@ -1,0 +1,212 @@
+// A native decoding step: one token of one sequence through every block of the model
+// in one call (kernels/step.py decides when it runs). An eager step pays ~40 small torch
+// ops per layer around its weight reads (3-14 ms a token at gpt2-medium size on the
+// 2-core AMD EPYC); here the whole step is one OpenMP region: each matrix-vector
+// product is split by output columns over the threads (gemv_*.cpp, each thread
+// streaming its own slice of the weight once), the heads of attention likewise, and
+// the threads meet at a barrier only where the next product needs the whole previous
+// output (five per layer). The residual stream and the LayerNorms, a few thousand
+// values, are computed by every thread into its own copy, which costs less than
+// another barrier. Compiled for plain x86-64 (torch's headers); the arithmetic lives in
+// step_ops.cpp and gemv_*.cpp, each built for its instruction set.
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "gemv.h"
+#include "step.h"
+
+namespace {
+
+enum Kind : int64_t { kF32 = 0, kBF16 = 1, kInt8 = 2 };
+constexpr int64_t kTile = 16;
+constexpr int kPerLayer = 20;  // tensors per layer passed to the constructor
+
+// One linear layer: a float32 or bf16 weight [N, K] with its bias (activation type), or
+// an int8 weight with its row sums, float32 scales and float32 bias.
+struct Lin {
+  torch::Tensor w, bias, q_sum, scales;
+  int64_t N = 0, K = 0;
+};
+
+struct Layer {
+  torch::Tensor ln1_w, ln1_b, ln2_w, ln2_b;
+  Lin qkv, out, fc, proj;
+  float scale = 1.f;
+};
+
+const void* ptr_or_null(const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+bool cpu_can(Kind kind) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
+  if (kind == kBF16) return __builtin_cpu_supports("avx512bf16");
+  if (kind == kInt8) return __builtin_cpu_supports("avx512vnni");
+  return true;
+}
+
+class Step {
+ public:
+  Step(int64_t kind, int64_t act, double eps, std::vector<double> scales,
+       std::vector<torch::Tensor> tensors)
+      : kind_(static_cast<Kind>(kind)), act_(static_cast<int>(act)), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(kind >= 0 && kind <= 2, "Step: kind must be 0 (float32), 1 (bf16) or 2 (int8)");
+    TORCH_CHECK(cpu_can(kind_), "Step: this CPU lacks the instructions of this step");
+    TORCH_CHECK(act >= 0 && act <= 2, "Step: act must be 0, 1 (GELU tanh) or 2 (GELU erf)");
+    TORCH_CHECK(!scales.empty() && tensors.size() == scales.size() * kPerLayer,
+                "Step: ", kPerLayer, " tensors per layer and one scale per layer");
+    bf16_ = kind_ != kF32;
+    const auto adtype = bf16_ ? torch::kBFloat16 : torch::kFloat;
+    for (size_t l = 0; l < scales.size(); ++l) {
+      const torch::Tensor* t = tensors.data() + l * kPerLayer;
+      Layer layer;
+      layer.ln1_w = t[0], layer.ln1_b = t[1], layer.ln2_w = t[2], layer.ln2_b = t[3];
+      layer.qkv = lin(t + 4), layer.out = lin(t + 8), layer.fc = lin(t + 12), layer.proj = lin(t + 16);
+      layer.scale = static_cast<float>(scales[l]);
+      if (l == 0) {
+        D_ = layer.qkv.K, d_mlp_ = layer.fc.N;
+      }
+      for (const auto* ln : {&layer.ln1_w, &layer.ln1_b, &layer.ln2_w, &layer.ln2_b})
+        TORCH_CHECK(ln->scalar_type() == adtype && ln->numel() == D_ && ln->is_contiguous(),
+                    "Step: LayerNorm parameters must be contiguous [d_model] of the activation type");
+      TORCH_CHECK(layer.qkv.N == 3 * D_ && layer.out.N == D_ && layer.out.K == D_ &&
+                      layer.fc.K == D_ && layer.fc.N == d_mlp_ && layer.proj.K == d_mlp_ &&
+                      layer.proj.N == D_,
+                  "Step: layer ", l, " has weights of the wrong shapes");
+      layers_.push_back(std::move(layer));
+    }
+  }
+
+  // x: the embedded token [d_model]; k_cache, v_cache: [layers, 1, heads, max_len, d_head]
+  // (the model's KVCache), written at `pos`; returns the residual stream after the
+  // last block [d_model], in the activation type.
+  torch::Tensor run(torch::Tensor x, torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos) {
+    const auto adtype = bf16_ ? torch::kBFloat16 : torch::kFloat;
+    TORCH_CHECK(x.scalar_type() == adtype && x.numel() == D_ && x.is_contiguous(),
+                "Step.run: x must be a contiguous [d_model] tensor of the activation type");
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    for (const auto* c : {&k_cache, &v_cache})
+      TORCH_CHECK(c->scalar_type() == adtype && c->dim() == 5 && c->size(0) == L &&
+                      c->size(1) == 1 && c->is_contiguous() && c->size(2) * c->size(4) == D_,
+                  "Step.run: caches must be contiguous [layers, 1, heads, max_len, d_head]");
+    const int64_t H = k_cache.size(2), max_len = k_cache.size(3), dh = k_cache.size(4);
+    TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "Step.run: key and value caches differ in shape");
+    TORCH_CHECK(dh % 16 == 0 && dh <= 128, "Step.run: d_head must be a multiple of 16, at most 128");
+    TORCH_CHECK(pos >= 0 && pos < max_len, "Step.run: position ", pos, " is outside the cache");
+
+    const int64_t elem = bf16_ ? 2 : 4;
+    auto y = torch::empty({D_}, x.options());
+    std::vector<char> qkv(3 * D_ * elem), z(D_ * elem), ao(D_ * elem), u(d_mlp_ * elem),
+        mo(D_ * elem);
+    const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+    char* kc = static_cast<char*>(k_cache.data_ptr());
+    char* vc = static_cast<char*>(v_cache.data_ptr());
+    const int64_t head_bytes = max_len * dh * elem;
+
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), T = omp_get_num_threads();
+      std::vector<float> resid(D_), scores(pos + 1), xs(1);
+      std::vector<char> h(D_ * elem);
+      std::vector<uint8_t> xq(kind_ == kInt8 ? 2 * std::max(D_, d_mlp_) : 0);
+      gpt2lab::load_row(x.data_ptr(), bf16_, D_, resid.data());
+      const int64_t h0 = H * tid / T, h1 = H * (tid + 1) / T;
+      for (int64_t l = 0; l < L; ++l) {
+        const Layer& ly = layers_[l];
+        gpt2lab::layer_norm_row(resid.data(), ly.ln1_w.data_ptr(), ly.ln1_b.data_ptr(), bf16_, D_,
+                                eps_, h.data());
+        gemv(ly.qkv, h.data(), qkv.data(), 0, tid, T, xq.data(), xs.data());
+#pragma omp barrier
+        for (int64_t hd = h0; hd < h1; ++hd) {
+          const int64_t at = (l * H + hd) * head_bytes;
+          gpt2lab::attend_head(qkv.data() + hd * dh * elem, qkv.data() + (D_ + hd * dh) * elem,
+                               qkv.data() + (2 * D_ + hd * dh) * elem, kc + at, vc + at, pos, dh,
+                               ly.scale, bf16_, scores.data(), z.data() + hd * dh * elem);
+        }
+#pragma omp barrier
+        gemv(ly.out, z.data(), ao.data(), 0, tid, T, xq.data(), xs.data());
+#pragma omp barrier
+        gpt2lab::add_row(resid.data(), ao.data(), bf16_, D_);
+        gpt2lab::layer_norm_row(resid.data(), ly.ln2_w.data_ptr(), ly.ln2_b.data_ptr(), bf16_, D_,
+                                eps_, h.data());
+        gemv(ly.fc, h.data(), u.data(), act_, tid, T, xq.data(), xs.data());
+#pragma omp barrier
+        gemv(ly.proj, u.data(), mo.data(), 0, tid, T, xq.data(), xs.data());
+#pragma omp barrier
+        gpt2lab::add_row(resid.data(), mo.data(), bf16_, D_);
+      }
+      if (tid == 0) gpt2lab::store_row(resid.data(), bf16_, D_, y.data_ptr());
+    }
+    return y;
+  }
+
+ private:
+  Lin lin(const torch::Tensor* t) const {
+    Lin l{t[0], t[1], t[2], t[3], t[0].size(0), t[0].dim() == 2 ? t[0].size(1) : 0};
+    TORCH_CHECK(l.w.dim() == 2 && l.w.is_contiguous(), "Step: weights must be contiguous [N, K]");
+    if (kind_ == kInt8) {
+      TORCH_CHECK(l.w.scalar_type() == torch::kChar && l.K % 64 == 0,
+                  "Step: int8 weights [N, K] with K a multiple of 64");
+      TORCH_CHECK(l.q_sum.scalar_type() == torch::kInt && l.q_sum.numel() == l.N &&
+                      l.scales.scalar_type() == torch::kFloat && l.scales.numel() == l.N &&
+                      l.q_sum.is_contiguous() && l.scales.is_contiguous(),
+                  "Step: int8 layers need int32 row sums and float32 scales [N]");
+      TORCH_CHECK(l.bias.numel() == 0 || (l.bias.scalar_type() == torch::kFloat &&
+                                          l.bias.numel() == l.N && l.bias.is_contiguous()),
+                  "Step: an int8 layer's bias must be float32 [N]");
+    } else {
+      const auto dtype = kind_ == kBF16 ? torch::kBFloat16 : torch::kFloat;
+      TORCH_CHECK(l.w.scalar_type() == dtype && l.K % (kind_ == kBF16 ? 32 : 16) == 0,
+                  "Step: weights of the model's dtype, K a multiple of 16 (float32) / 32 (bf16)");
+      TORCH_CHECK(l.bias.numel() == 0 || (l.bias.scalar_type() == dtype &&
+                                          l.bias.numel() == l.N && l.bias.is_contiguous()),
+                  "Step: a bias must be [N] of the model's dtype");
+    }
+    return l;
+  }
+
+  // This thread's share of y = act(x W^T + b): whole 16-column tiles, one contiguous
+  // range per thread.
+  void gemv(const Lin& l, const void* x, void* y, int act, int tid, int T, uint8_t* xq,
+            float* xs) const {
+    const int64_t tiles = (l.N + kTile - 1) / kTile;
+    const int64_t n0 = tiles * tid / T * kTile, n1 = std::min(l.N, tiles * (tid + 1) / T * kTile);
+    if (kind_ == kInt8) gpt2lab::int8_quantize_rows(x, true, l.K, 0, 1, xq, xs);
+    if (n0 >= n1) return;
+    if (kind_ == kF32) {
+      gpt2lab::f32_gemv_cols(static_cast<const float*>(x), static_cast<const float*>(l.w.data_ptr()),
+                             static_cast<const float*>(ptr_or_null(l.bias)), static_cast<float*>(y),
+                             1, l.K, l.N, act, n0, n1);
+    } else if (kind_ == kBF16) {
+      gpt2lab::bf16_gemv_cols(static_cast<const uint16_t*>(x),
+                              static_cast<const uint16_t*>(l.w.data_ptr()),
+                              static_cast<const uint16_t*>(ptr_or_null(l.bias)),
+                              static_cast<uint16_t*>(y), 1, l.K, l.N, act, n0, n1);
+    } else {
+      gpt2lab::int8_gemv_cols(xq, xs, static_cast<const int8_t*>(l.w.data_ptr()),
+                              static_cast<const int32_t*>(l.q_sum.data_ptr()),
+                              static_cast<const float*>(l.scales.data_ptr()),
+                              static_cast<const float*>(ptr_or_null(l.bias)), y, true, 1, l.K,
+                              l.N, act, n0, n1);
+    }
+  }
+
+  Kind kind_;
+  int act_;
+  float eps_;
+  bool bf16_ = false;
+  int64_t D_ = 0, d_mlp_ = 0;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+void register_step(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<Step>(m, "Step", "one token of one sequence through every block (step.cpp)")
+      .def(py::init<int64_t, int64_t, double, std::vector<double>, std::vector<torch::Tensor>>(),
+           py::arg("kind"), py::arg("act"), py::arg("eps"), py::arg("scales"), py::arg("tensors"))
+      .def("run", &Step::run, py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
+           py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,147 @@
+"""A whole decoding step in one native call: one token of one sequence through every block.
+
+An eager step at batch 1 reads each weight once and runs ~40 small torch ops per layer
+around those reads (LayerNorms, the cache write, attention over the cache, residual
+adds, Python between them): 3-14 ms a token at gpt2-medium size on the 2-core AMD EPYC,
+10-17% of a float32 or bf16 step. `step.cpp` runs all the blocks in one OpenMP region
+on gpt2lab's own matrix-vector kernels instead. The model calls `plan(...)` before its
+blocks; where it returns a runner, the blocks run through it and nothing else changes
+(embeddings, the final LayerNorm and the unembedding stay as they are).
+
+It applies only where nothing could tell the difference:
+- one new token of one sequence, with a KV cache, no padding (no key mask), all blocks;
+- no hook of the model attached (the caller checks `hooked` first), autograd off, not
+  tracing, CPU;
+- the model's own modules, unreplaced: LayerNorms with a live scale (not LN-free),
+  `Linear` layers all float32 or all bf16, or `Int8Linear` layers all with bf16
+  activations; a GELU the kernels fuse; d_head a multiple of 16 (at most 128);
+- the native kernels built on this CPU (AVX-512; BF16 for bf16, VNNI for int8).
+Then whether it runs is the chooser's case ("step", kind, 1, layers, d_model, d_mlp):
+the eager and the native step are each timed on a scratch cache on first use, the
+faster kept (choose.py); `GPT2LAB_KERNELS=step=eager` (or `kernels.force("step",
+"eager")`) keeps the eager one.
+
+The runner is built once per KV cache (a generation makes one), holding the model's
+weight tensors themselves: in-place edits of the weights are seen; weights replaced by
+other tensors are seen by the next cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from . import native
+from .choose import chooser, force, forced_for
+
+KINDS = {"f32": (0, torch.float32), "bf16": (1, torch.bfloat16), "int8": (2, torch.bfloat16)}
+ACTS = {"gelu_tanh": 1, "gelu_erf": 2}
+
+
+def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | None:
+    """The native runner `(resid, cache) -> resid` for this call of the model's blocks, or
+    None to run them eagerly (see the module docstring)."""
+    if cache is None or T != 1 or B != 1 or key_mask is not None or stop_at_layer is not None:
+        return None
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    held = cache.__dict__.get("_native_step")
+    if held is None or held[0]() is not model:
+        held = (weakref.ref(model), _build(model, cache))
+        cache._native_step = held
+    runner = held[1]
+    if runner is None:
+        return None
+    forced = forced_for("step", runner.kind)
+    if forced in ("eager", "native"):
+        return runner if forced == "native" else None
+    return runner if _decide(model, runner) == "native" else None
+
+
+class Runner:
+    """The compiled step for one model, and the call the model makes."""
+
+    def __init__(self, step, kind: str, key: tuple):
+        self.step, self.kind, self.key = step, kind, key
+
+    def __call__(self, resid: torch.Tensor, cache) -> torch.Tensor:
+        out = self.step.run(resid.reshape(-1).contiguous(), cache.k, cache.v, cache.length)
+        return out.view(resid.shape)
+
+
+def _build(model, cache) -> Runner | None:
+    """The runner for `model`, or None where the step does not apply to it."""
+    from ..model import LayerNorm, Linear
+    from ..quantize import Int8Linear
+
+    cfg = model.cfg
+    act = ACTS.get(model.blocks[0].mlp.fused_act or "")
+    d_head = cfg.d_model // cfg.n_heads
+    if act is None or cfg.n_heads * d_head != cfg.d_model or d_head % 16 or d_head > 128:
+        return None
+    layers = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    if all(type(m) is Int8Linear for m in layers):
+        kind = "int8"
+    elif all(type(m) is Linear for m in layers) and model.dtype in (torch.float32, torch.bfloat16):
+        kind = "f32" if model.dtype == torch.float32 else "bf16"
+    else:
+        return None
+    dtype = KINDS[kind][1]
+    norms = [n for b in model.blocks for n in (b.ln1, b.ln2)]
+    if any(type(n) is not LayerNorm or n.fixed_scale is not None for n in norms):
+        return None
+    if cache.k.dtype != dtype or cache.k.device.type != "cpu" or not cache.k.is_contiguous():
+        return None
+    Step = native.step_class(kind)
+    if Step is None:
+        return None
+    tensors = []
+    for block in model.blocks:
+        tensors += [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias]
+        for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            tensors += _linear_tensors(m, dtype)
+    if any(t.dtype not in (dtype, torch.int8, torch.int32, torch.float32) for t in tensors):
+        return None
+    try:
+        step = Step(KINDS[kind][0], act, cfg.layer_norm_eps, [b.attn.scale for b in model.blocks],
+                    [t.detach() for t in tensors])  # fmt: skip
+    except RuntimeError:  # shapes or dtypes the kernels do not take
+        return None
+    key = ("step", kind, 1, cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    return Runner(step, kind, key)
+
+
+def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
+    """(weight, bias, row sums, scales) as step.cpp takes a linear layer."""
+    empty = torch.empty(0)
+    if hasattr(m, "q_weight"):  # Int8Linear
+        scales, bias = m.float32_params()
+        return [m.q_weight, bias, m.q_sum, scales]
+    bias = m.bias if m.bias is not None else torch.empty(0, dtype=dtype)
+    return [m.weight, bias, empty, empty]
+
+
+def _decide(model, runner: Runner) -> str:
+    """"native" or "eager" for this runner's case: known after the first ask."""
+    choice = chooser().choices.get(runner.key)
+    if choice is not None:
+        return choice.name
+    scratch = model.new_cache(1, 2)
+    first = torch.zeros(1, 1, dtype=torch.long)
+    with force("step", "eager"):
+        model(first, cache=scratch)  # position 0 filled; every timed run writes position 1
+    x = model.wte.weight[0].detach().clone()
+
+    def eager(_copy: int) -> None:  # the blocks alone, as the native step
+        scratch.length = 1
+        model(first, cache=scratch, stop_at_layer=model.cfg.n_layers)
+
+    def fast(_copy: int) -> None:
+        runner.step.run(x, scratch.k, scratch.v, 1)
+
+    weights = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
+    weights += sum(t.numel() * t.element_size() for t in model.blocks.buffers())
+    return chooser().pick(runner.key, {"eager": eager, "native": fast}, op="step",
+                          dtype=runner.kind, weight_bytes=weights)  # fmt: skip
