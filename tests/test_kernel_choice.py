@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from gpt2lab import kernels
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.kernels import attention, choose
+from gpt2lab.kernels import attention, choose, native
 from gpt2lab.kernels import linear as klinear
 from gpt2lab.kernels.choose import ROUNDS, Chooser, row_bucket
 from gpt2lab.quantize import Int8Linear, quantize_weight
@@ -350,14 +350,20 @@ def test_tune_and_info_show_the_choices(tmp_path):
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    # gpt2's five weights at one row, the MLP's first also with its GELU fused
+    lines = all_lines = out.stdout.strip().splitlines()
+    # gpt2's five weights at one row, the MLP's first also with its GELU fused, then the
+    # native decoding step against the eager one where the native kernels run
+    step = [ln for ln in lines if ln.startswith("step:")]
+    assert len(step) == (1 if native.step_class("bf16") is not None else 0), lines
+    assert all(ln.startswith("step:bf16:1:12:768:3072 ") for ln in step), step
+    assert all(("eager" in ln and "native" in ln) for ln in step), step
+    lines = [ln for ln in lines if not ln.startswith("step:")]
     assert len(lines) == 6 and all(" -> " in ln and "GB/s" in ln for ln in lines), lines
     keys = {ln.split()[0] for ln in lines}
     assert {"linear:bfloat16:1:2304:768:none", "linear:bfloat16:1:50257:768:none"} <= keys
     # written to the file unless measured while other processes took the cores
-    kept = {ln.split()[0] for ln in lines if ln.endswith("; measured)")}
-    assert all(ln.endswith("; measured)") or "under load" in ln for ln in lines), lines
+    kept = {ln.split()[0] for ln in all_lines if ln.endswith("; measured)")}
+    assert all(ln.endswith("; measured)") or "under load" in ln for ln in all_lines), lines
     path = tmp_path / "k.json"
     entries = next(iter(json.loads(path.read_text()).values())) if path.exists() else {}
     assert set(entries) == kept

@@ -78,7 +78,33 @@ def tune(
                     if choice is not None:
                         decided.append((key, choice))
                         say(describe(file_key(key), choice))
+        if 1 in rows:
+            decided += _tune_step(cfg, dtype, say)
     return decided
+
+
+def _tune_step(cfg, dtype: str, say) -> list[tuple[tuple, Choice]]:
+    """The native decoding step against the eager one (kernels/step.py), on a model of
+    these shapes with random weights: decided by the model's first one-token step."""
+    from ..model import GPT2
+    from ..quantize import quantize
+
+    model = GPT2(cfg).init_weights(seed=0).eval()
+    if dtype == "int8":
+        model = quantize(model, "int8")
+    elif dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    kind = {"float32": "f32", "bfloat16": "bf16", "int8": "int8"}[dtype]
+    key = ("step", kind, 1, cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 2)
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    choice = chooser().choices.get(key)
+    if choice is None:  # the step does not apply here (no native kernels, another shape)
+        return []
+    say(describe(file_key(key), choice))
+    return [(key, choice)]
 
 
 def _as_linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.nn.Linear:
