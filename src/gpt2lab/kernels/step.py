@@ -124,22 +124,30 @@ def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _decide(model, runner: Runner) -> str:
-    """"native" or "eager" for this runner's case: known after the first ask."""
+    """"native" or "eager" for this runner's case: known after the first ask (this
+    process's, or the cache file's: then nothing is timed)."""
     choice = chooser().choices.get(runner.key)
     if choice is not None:
         return choice.name
-    scratch = model.new_cache(1, 2)
+    scratch = None
     first = torch.zeros(1, 1, dtype=torch.long)
-    with force("step", "eager"):
-        model(first, cache=scratch)  # position 0 filled; every timed run writes position 1
-    x = model.wte.weight[0].detach().clone()
+
+    def ready():  # a one-token cache whose position 1 every timed run writes
+        nonlocal scratch
+        if scratch is None:
+            scratch = model.new_cache(1, 2)
+            with force("step", "eager"):
+                model(first, cache=scratch)
+        return scratch
 
     def eager(_copy: int) -> None:  # the blocks alone, as the native step
-        scratch.length = 1
-        model(first, cache=scratch, stop_at_layer=model.cfg.n_layers)
+        cache = ready()
+        cache.length = 1
+        model(first, cache=cache, stop_at_layer=model.cfg.n_layers)
 
     def fast(_copy: int) -> None:
-        runner.step.run(x, scratch.k, scratch.v, 1)
+        cache = ready()
+        runner.step.run(model.wte.weight[0].detach(), cache.k, cache.v, 1)
 
     weights = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
     weights += sum(t.numel() * t.element_size() for t in model.blocks.buffers())
