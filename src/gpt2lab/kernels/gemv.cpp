@@ -3,15 +3,16 @@
 // plain x86-64; each kernel refuses to run on a CPU without its instruction set
 // (gpt2lab.kernels.native checks first, so this is only a guard against SIGILL).
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "chunks.h"
 #include "gemv.h"
 
 namespace {
 
-constexpr int64_t kTile = 16;
 
 bool cpu_has(const char* what) {
   __builtin_cpu_init();
@@ -21,17 +22,21 @@ bool cpu_has(const char* what) {
   return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
 
-// Splits [0, N) into column ranges, whole 16-column tiles, one contiguous range per
-// thread (at::parallel_for follows torch.get_num_threads()): each thread streams its
-// own part of the weights once, front to back.
+// Computes the output columns [0, N) over torch's thread count (torch.get_num_threads()),
+// in chunks as threads come free (chunks.h). Under ~64 KB of weights per thread the
+// threads' start-up costs more than it saves: one thread does it all.
 template <class F>
 void over_columns(int64_t N, int64_t K, int64_t elem_bytes, const F& f) {
-  const int64_t tiles = (N + kTile - 1) / kTile;
-  // Below ~64 KB of weights per thread the threads' start-up costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (kTile * K * elem_bytes));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    f(t0 * kTile, std::min(N, t1 * kTile));
-  });
+  const int64_t least = gpt2lab::least_chunk(K, elem_bytes);
+  const int64_t tiles = (N + gpt2lab::kTileCols - 1) / gpt2lab::kTileCols;
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  if (nt == 1 || tiles < 2 * least) {
+    f(0, N);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+  gpt2lab::take_chunks(next, N, least, omp_get_num_threads(), f);
 }
 
 void check_common(const char* name, const torch::Tensor& x, const torch::Tensor& w,

@@ -16,22 +16,14 @@
 #include <memory>
 #include <vector>
 
+#include "chunks.h"
 #include "gemv.h"
 #include "step.h"
 
 namespace {
 
 enum Kind : int64_t { kF32 = 0, kBF16 = 1, kInt8 = 2 };
-constexpr int64_t kTile = 16;
 constexpr int kPerLayer = 20;  // tensors per layer passed to the constructor
-// Threads take a product's columns in chunks as they come (an atomic counter per
-// product), each chunk half of what is left divided by the thread count, down to about
-// this many bytes of weights ("guided" scheduling): long chunks first, so each core
-// streams far before it jumps (the hardware prefetcher starts over at every jump), and
-// short ones last, so no core waits long at the barrier for the other. Fixed halves
-// made one slow core (a shared machine) hold the other at every barrier; fixed 512 KB
-// chunks still left ~30% of a bf16 step waiting (AMD EPYC: 24.6 -> 17.7 ms guided).
-constexpr int64_t kChunkBytes = 64 << 10;
 
 // One linear layer: a float32 or bf16 weight [N, K] with its bias (activation type), or
 // an int8 weight with its row sums, float32 scales and float32 bias.
@@ -181,21 +173,13 @@ class Step {
     return l;
   }
 
-  // This thread's share of y = act(x W^T + b): chunks of whole 16-column tiles, taken
-  // from `next` until none is left (see kChunkBytes).
+  // This thread's share of y = act(x W^T + b), in chunks taken from `next` (chunks.h).
   void gemv(const Lin& l, const void* x, void* y, int act, std::atomic<int64_t>& next,
             int64_t chunk_bytes, int T, uint8_t* xq, float* xs) const {
-    const int64_t tiles = (l.N + kTile - 1) / kTile;
     const int64_t elem = kind_ == kInt8 ? 1 : (kind_ == kBF16 ? 2 : 4);
-    const int64_t least = std::max<int64_t>(1, chunk_bytes / (kTile * l.K * elem));
     if (kind_ == kInt8) gpt2lab::int8_quantize_rows(x, true, l.K, 0, 1, xq, xs);
-    int64_t c = next.load(std::memory_order_relaxed);
-    while (c < tiles) {
-      const int64_t size = std::max(least, (tiles - c) / (2 * T));
-      if (!next.compare_exchange_weak(c, c + size, std::memory_order_relaxed)) continue;
-      cols(l, x, y, act, c * kTile, std::min(l.N, (c + size) * kTile), xq, xs);
-      c = next.load(std::memory_order_relaxed);
-    }
+    gpt2lab::take_chunks(next, l.N, gpt2lab::least_chunk(l.K, elem, chunk_bytes), T,
+                         [&](int64_t n0, int64_t n1) { cols(l, x, y, act, n0, n1, xq, xs); });
   }
 
   void cols(const Lin& l, const void* x, void* y, int act, int64_t n0, int64_t n1,
@@ -234,5 +218,5 @@ void register_step(pybind11::module_& m) {
       .def(py::init<int64_t, int64_t, double, std::vector<double>, std::vector<torch::Tensor>>(),
            py::arg("kind"), py::arg("act"), py::arg("eps"), py::arg("scales"), py::arg("tensors"))
       .def("run", &Step::run, py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
-           py::arg("chunk_bytes") = kChunkBytes, py::call_guard<py::gil_scoped_release>());
+           py::arg("chunk_bytes") = gpt2lab::kChunkBytes, py::call_guard<py::gil_scoped_release>());
 }
