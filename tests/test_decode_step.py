@@ -59,12 +59,13 @@ def _decode(model, prompt, steps: int, mode: str, feed: torch.Tensor | None = No
     """Steps one token at a time with the step forced to `mode`: greedy, or the tokens
     `feed` when given (so that both modes see the same inputs); the logits of each
     step, the tokens fed, and the cache."""
-    cache = model.new_cache(1, prompt.shape[1] + steps)
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
     with torch.no_grad():
         logits = model(prompt, cache=cache)[:, -1:]
         out, toks = [], []
         for i in range(steps):
             tok = logits[:, -1].float().argmax(-1, keepdim=True) if feed is None else feed[:, i : i + 1]
+            assert tok.shape == (prompt.shape[0], 1)
             toks.append(tok)
             with kernels.force("step", mode):
                 logits = model(tok, cache=cache)
@@ -101,6 +102,26 @@ def test_the_native_step_is_the_eager_step(ckpts, kind, shape):
     err_fast = (fast - ref).abs().max().item()
     print(f"{kind} {shape}: |eager - f32| {err_eager:.4f}, |native - f32| {err_fast:.4f}")
     assert err_fast <= 1.5 * err_eager + 2**-8 * scale
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [2, 5])
+def test_a_batch_without_padding_steps_as_each_row_alone(ckpts, kind, rows):
+    """Rows of a batch are independent: each row's native logits are its eager logits
+    (float32: to the order of sums; bf16 / int8: as close to float32 as eager is)."""
+    _needs(kind)
+    model = _model(ckpts["wide"][0], kind)
+    prompt = torch.randint(0, 1000, (rows, 6), generator=torch.Generator().manual_seed(rows))
+    feed = torch.randint(0, 1000, (rows, 8), generator=torch.Generator().manual_seed(9))
+    eager, _, _ = _decode(model, prompt, 8, "eager", feed=feed)
+    fast, _, cache = _decode(model, prompt, 8, "native", feed=feed)
+    assert cache.__dict__["_native_step"][1] is not None
+    scale = eager.abs().max().item()
+    if kind == "f32":
+        assert (eager - fast).abs().max().item() <= 1e-5 * scale
+        return
+    ref = _decode(_model(ckpts["wide"][0], "f32"), prompt, 8, "eager", feed=feed)[0]
+    assert (fast - ref).abs().max().item() <= 1.5 * (eager - ref).abs().max().item() + 2**-8 * scale
 
 
 def test_float32_greedy_tokens_through_the_native_step_are_transformers(ckpts):
@@ -165,7 +186,8 @@ def test_the_step_applies_only_where_nothing_could_tell(ckpts):
         assert _plan(model, cache) is not None
         assert _plan(model, None) is None  # no cache
         assert _plan(model, cache, T=2) is None  # a prompt, not a step
-        assert _plan(model, model.new_cache(2, 8), B=2) is None  # a batch
+        assert _plan(model, model.new_cache(2, 8), B=2) is not None  # a batch without padding
+        assert _plan(model, model.new_cache(17, 8), B=17) is None  # past the kernels' rows
         assert _plan(model, cache, key_mask=torch.ones(1, 3, dtype=torch.bool)) is None  # padding
         assert _plan(model, cache, stop_at_layer=1) is None
         with kernels.force("step", "eager"):

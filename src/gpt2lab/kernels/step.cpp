@@ -1,9 +1,10 @@
-// A native decoding step: one token of one sequence through every block of the model
-// in one call (kernels/step.py decides when it runs). An eager step pays ~40 small torch
-// ops per layer around its weight reads (3-14 ms a token at gpt2-medium size on the
-// 2-core AMD EPYC); here the whole step is one OpenMP region: each matrix-vector
-// product is split by output columns over the threads (gemv_*.cpp, each thread
-// streaming its own slice of the weight once), the heads of attention likewise, and
+// A native decoding step: one new token of each of a few sequences (a batch without
+// padding) through every block of the model in one call (kernels/step.py decides when
+// it runs). An eager step pays ~40 small torch ops per layer around its weight reads
+// (3-14 ms a token at gpt2-medium size on the 2-core AMD EPYC); here the whole step is
+// one OpenMP region: each matrix-vector product is split by output columns over the
+// threads (gemv_*.cpp, each weight streamed once for all rows; chunks.h), the (row,
+// head) pairs of attention likewise, and
 // the threads meet at a barrier only where the next product needs the whole previous
 // output (five per layer). The residual stream and the LayerNorms, a few thousand
 // values, are computed by every thread into its own copy, which costs less than
@@ -80,70 +81,88 @@ class Step {
     }
   }
 
-  // x: the embedded token [d_model]; k_cache, v_cache: [layers, 1, heads, max_len, d_head]
-  // (the model's KVCache), written at `pos`; returns the residual stream after the
-  // last block [d_model], in the activation type.
+  // x: the embedded tokens [rows, d_model], one new token for each of `rows` sequences
+  // of the same length (no padding); k_cache, v_cache: [layers, rows, heads, max_len,
+  // d_head] (the model's KVCache), written at `pos`; returns the residual stream after
+  // the last block [rows, d_model], in the activation type.
   torch::Tensor run(torch::Tensor x, torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos,
                     int64_t chunk_bytes) {
     TORCH_CHECK(chunk_bytes > 0, "Step.run: chunk_bytes must be positive");
     const auto adtype = bf16_ ? torch::kBFloat16 : torch::kFloat;
-    TORCH_CHECK(x.scalar_type() == adtype && x.numel() == D_ && x.is_contiguous(),
-                "Step.run: x must be a contiguous [d_model] tensor of the activation type");
-    const int64_t L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(x.scalar_type() == adtype && x.dim() == 2 && x.size(0) >= 1 &&
+                    x.size(1) == D_ && x.is_contiguous(),
+                "Step.run: x must be a contiguous [rows, d_model] tensor of the activation type");
+    const int64_t L = static_cast<int64_t>(layers_.size()), M = x.size(0);
     for (const auto* c : {&k_cache, &v_cache})
       TORCH_CHECK(c->scalar_type() == adtype && c->dim() == 5 && c->size(0) == L &&
-                      c->size(1) == 1 && c->is_contiguous() && c->size(2) * c->size(4) == D_,
-                  "Step.run: caches must be contiguous [layers, 1, heads, max_len, d_head]");
+                      c->size(1) == M && c->is_contiguous() && c->size(2) * c->size(4) == D_,
+                  "Step.run: caches must be contiguous [layers, rows, heads, max_len, d_head]");
     const int64_t H = k_cache.size(2), max_len = k_cache.size(3), dh = k_cache.size(4);
     TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "Step.run: key and value caches differ in shape");
     TORCH_CHECK(dh % 16 == 0 && dh <= 128, "Step.run: d_head must be a multiple of 16, at most 128");
     TORCH_CHECK(pos >= 0 && pos < max_len, "Step.run: position ", pos, " is outside the cache");
 
-    const int64_t elem = bf16_ ? 2 : 4;
-    auto y = torch::empty({D_}, x.options());
-    std::vector<char> qkv(3 * D_ * elem), z(D_ * elem), ao(D_ * elem), u(d_mlp_ * elem),
-        mo(D_ * elem);
+    const int64_t e = bf16_ ? 2 : 4;  // bytes of an activation
+    auto y = torch::empty({M, D_}, x.options());
+    std::vector<char> qkv(M * 3 * D_ * e), z(M * D_ * e), ao(M * D_ * e), u(M * d_mlp_ * e),
+        mo(M * D_ * e);
     const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
     // one chunk counter per product: [layer][qkv, out, fc, proj]
     std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[4 * L]);
     for (int64_t i = 0; i < 4 * L; ++i) next[i].store(0, std::memory_order_relaxed);
     char* kc = static_cast<char*>(k_cache.data_ptr());
     char* vc = static_cast<char*>(v_cache.data_ptr());
-    const int64_t head_bytes = max_len * dh * elem;
+    const int64_t head_bytes = max_len * dh * e;
 
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), T = omp_get_num_threads();
-      std::vector<float> resid(D_), scores(pos + 1), xs(1);
-      std::vector<char> h(D_ * elem);
-      std::vector<uint8_t> xq(kind_ == kInt8 ? 2 * std::max(D_, d_mlp_) : 0);
-      gpt2lab::load_row(x.data_ptr(), bf16_, D_, resid.data());
-      const int64_t h0 = H * tid / T, h1 = H * (tid + 1) / T;
+      std::vector<float> resid(M * D_), scores(pos + 1), xs(M);
+      std::vector<char> h(M * D_ * e);
+      std::vector<uint8_t> xq(kind_ == kInt8 ? M * 2 * std::max(D_, d_mlp_) : 0);
+      const auto* xp = static_cast<const char*>(x.data_ptr());
+      for (int64_t m = 0; m < M; ++m) gpt2lab::load_row(xp + m * D_ * e, bf16_, D_, &resid[m * D_]);
+      // this thread's (row, head) pairs of attention
+      const int64_t a0 = M * H * tid / T, a1 = M * H * (tid + 1) / T;
+      auto norm = [&](const torch::Tensor& w, const torch::Tensor& b) {
+        for (int64_t m = 0; m < M; ++m)
+          gpt2lab::layer_norm_row(&resid[m * D_], w.data_ptr(), b.data_ptr(), bf16_, D_, eps_,
+                                  h.data() + m * D_ * e);
+      };
+      auto add = [&](const std::vector<char>& delta) {
+        for (int64_t m = 0; m < M; ++m)
+          gpt2lab::add_row(&resid[m * D_], delta.data() + m * D_ * e, bf16_, D_);
+      };
+      auto product = [&](const Lin& lin, const char* in, char* out, int act, int64_t i) {
+        gemv(lin, in, out, M, act, next[i], chunk_bytes, T, xq.data(), xs.data());
+      };
       for (int64_t l = 0; l < L; ++l) {
         const Layer& ly = layers_[l];
-        gpt2lab::layer_norm_row(resid.data(), ly.ln1_w.data_ptr(), ly.ln1_b.data_ptr(), bf16_, D_,
-                                eps_, h.data());
-        gemv(ly.qkv, h.data(), qkv.data(), 0, next[4 * l], chunk_bytes, T, xq.data(), xs.data());
+        norm(ly.ln1_w, ly.ln1_b);
+        product(ly.qkv, h.data(), qkv.data(), 0, 4 * l);
 #pragma omp barrier
-        for (int64_t hd = h0; hd < h1; ++hd) {
-          const int64_t at = (l * H + hd) * head_bytes;
-          gpt2lab::attend_head(qkv.data() + hd * dh * elem, qkv.data() + (D_ + hd * dh) * elem,
-                               qkv.data() + (2 * D_ + hd * dh) * elem, kc + at, vc + at, pos, dh,
-                               ly.scale, bf16_, scores.data(), z.data() + hd * dh * elem);
+        for (int64_t a = a0; a < a1; ++a) {
+          const int64_t m = a / H, hd = a % H;
+          const int64_t at = ((l * M + m) * H + hd) * head_bytes;
+          const char* q = qkv.data() + (m * 3 * D_ + hd * dh) * e;
+          gpt2lab::attend_head(q, q + D_ * e, q + 2 * D_ * e, kc + at, vc + at, pos, dh, ly.scale,
+                               bf16_, scores.data(), z.data() + (m * D_ + hd * dh) * e);
         }
 #pragma omp barrier
-        gemv(ly.out, z.data(), ao.data(), 0, next[4 * l + 1], chunk_bytes, T, xq.data(), xs.data());
+        product(ly.out, z.data(), ao.data(), 0, 4 * l + 1);
 #pragma omp barrier
-        gpt2lab::add_row(resid.data(), ao.data(), bf16_, D_);
-        gpt2lab::layer_norm_row(resid.data(), ly.ln2_w.data_ptr(), ly.ln2_b.data_ptr(), bf16_, D_,
-                                eps_, h.data());
-        gemv(ly.fc, h.data(), u.data(), act_, next[4 * l + 2], chunk_bytes, T, xq.data(), xs.data());
+        add(ao);
+        norm(ly.ln2_w, ly.ln2_b);
+        product(ly.fc, h.data(), u.data(), act_, 4 * l + 2);
 #pragma omp barrier
-        gemv(ly.proj, u.data(), mo.data(), 0, next[4 * l + 3], chunk_bytes, T, xq.data(), xs.data());
+        product(ly.proj, u.data(), mo.data(), 0, 4 * l + 3);
 #pragma omp barrier
-        gpt2lab::add_row(resid.data(), mo.data(), bf16_, D_);
+        add(mo);
       }
-      if (tid == 0) gpt2lab::store_row(resid.data(), bf16_, D_, y.data_ptr());
+      if (tid == 0) {
+        auto* yp = static_cast<char*>(y.data_ptr());
+        for (int64_t m = 0; m < M; ++m) gpt2lab::store_row(&resid[m * D_], bf16_, D_, yp + m * D_ * e);
+      }
     }
     return y;
   }
@@ -174,30 +193,30 @@ class Step {
   }
 
   // This thread's share of y = act(x W^T + b), in chunks taken from `next` (chunks.h).
-  void gemv(const Lin& l, const void* x, void* y, int act, std::atomic<int64_t>& next,
+  void gemv(const Lin& l, const void* x, void* y, int64_t M, int act, std::atomic<int64_t>& next,
             int64_t chunk_bytes, int T, uint8_t* xq, float* xs) const {
     const int64_t elem = kind_ == kInt8 ? 1 : (kind_ == kBF16 ? 2 : 4);
-    if (kind_ == kInt8) gpt2lab::int8_quantize_rows(x, true, l.K, 0, 1, xq, xs);
+    if (kind_ == kInt8) gpt2lab::int8_quantize_rows(x, true, l.K, 0, M, xq, xs);
     gpt2lab::take_chunks(next, l.N, gpt2lab::least_chunk(l.K, elem, chunk_bytes), T,
-                         [&](int64_t n0, int64_t n1) { cols(l, x, y, act, n0, n1, xq, xs); });
+                         [&](int64_t n0, int64_t n1) { cols(l, x, y, M, act, n0, n1, xq, xs); });
   }
 
-  void cols(const Lin& l, const void* x, void* y, int act, int64_t n0, int64_t n1,
+  void cols(const Lin& l, const void* x, void* y, int64_t M, int act, int64_t n0, int64_t n1,
             const uint8_t* xq, const float* xs) const {
     if (kind_ == kF32) {
       gpt2lab::f32_gemv_cols(static_cast<const float*>(x), static_cast<const float*>(l.w.data_ptr()),
                              static_cast<const float*>(ptr_or_null(l.bias)), static_cast<float*>(y),
-                             1, l.K, l.N, act, n0, n1);
+                             M, l.K, l.N, act, n0, n1);
     } else if (kind_ == kBF16) {
       gpt2lab::bf16_gemv_cols(static_cast<const uint16_t*>(x),
                               static_cast<const uint16_t*>(l.w.data_ptr()),
                               static_cast<const uint16_t*>(ptr_or_null(l.bias)),
-                              static_cast<uint16_t*>(y), 1, l.K, l.N, act, n0, n1);
+                              static_cast<uint16_t*>(y), M, l.K, l.N, act, n0, n1);
     } else {
       gpt2lab::int8_gemv_cols(xq, xs, static_cast<const int8_t*>(l.w.data_ptr()),
                               static_cast<const int32_t*>(l.q_sum.data_ptr()),
                               static_cast<const float*>(l.scales.data_ptr()),
-                              static_cast<const float*>(ptr_or_null(l.bias)), y, true, 1, l.K,
+                              static_cast<const float*>(ptr_or_null(l.bias)), y, true, M, l.K,
                               l.N, act, n0, n1);
     }
   }
@@ -214,7 +233,7 @@ class Step {
 
 void register_step(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Step>(m, "Step", "one token of one sequence through every block (step.cpp)")
+  py::class_<Step>(m, "Step", "one new token of each of a few sequences through every block (step.cpp)")
       .def(py::init<int64_t, int64_t, double, std::vector<double>, std::vector<torch::Tensor>>(),
            py::arg("kind"), py::arg("act"), py::arg("eps"), py::arg("scales"), py::arg("tensors"))
       .def("run", &Step::run, py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),

@@ -1,4 +1,5 @@
-"""A whole decoding step in one native call: one token of one sequence through every block.
+"""A whole decoding step in one native call: one new token of each sequence of a small
+batch without padding through every block.
 
 An eager step at batch 1 reads each weight once and runs ~40 small torch ops per layer
 around those reads (LayerNorms, the cache write, attention over the cache, residual
@@ -9,15 +10,16 @@ blocks; where it returns a runner, the blocks run through it and nothing else ch
 (embeddings, the final LayerNorm and the unembedding stay as they are).
 
 It applies only where nothing could tell the difference:
-- one new token of one sequence, with a KV cache, no padding (no key mask), all blocks;
+- one new token for each of at most MAX_ROWS sequences, with a KV cache, no padding (no
+  key mask), all blocks;
 - no hook of the model attached (the caller checks `hooked` first), autograd off, not
   tracing, CPU;
 - the model's own modules, unreplaced: LayerNorms with a live scale (not LN-free),
   `Linear` layers all float32 or all bf16, or `Int8Linear` layers all with bf16
   activations; a GELU the kernels fuse; d_head a multiple of 16 (at most 128);
 - the native kernels built on this CPU (AVX-512; BF16 for bf16, VNNI for int8).
-Then whether it runs is the chooser's case ("step", kind, 1, layers, d_model, d_mlp):
-the eager and the native step are each timed on a scratch cache on first use, the
+Then whether it runs is the chooser's case ("step", kind, row bucket, layers, d_model,
+d_mlp): the eager and the native step are each timed on a scratch cache on first use, the
 faster kept (choose.py); `GPT2LAB_KERNELS=step=eager` (or `kernels.force("step",
 "eager")`) keeps the eager one.
 
@@ -34,7 +36,8 @@ from collections.abc import Callable
 import torch
 
 from . import native
-from .choose import chooser, force, forced_for
+from .choose import chooser, force, forced_for, row_bucket
+from .linear import NATIVE_MAX_ROWS as MAX_ROWS  # the kernels' range: beyond, GEMMs win
 
 KINDS = {"f32": (0, torch.float32), "bf16": (1, torch.bfloat16), "int8": (2, torch.bfloat16)}
 ACTS = {"gelu_tanh": 1, "gelu_erf": 2}
@@ -43,7 +46,7 @@ ACTS = {"gelu_tanh": 1, "gelu_erf": 2}
 def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | None:
     """The native runner `(resid, cache) -> resid` for this call of the model's blocks, or
     None to run them eagerly (see the module docstring)."""
-    if cache is None or T != 1 or B != 1 or key_mask is not None or stop_at_layer is not None:
+    if cache is None or T != 1 or B > MAX_ROWS or key_mask is not None or stop_at_layer is not None:
         return None
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
@@ -57,17 +60,21 @@ def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | No
     forced = forced_for("step", runner.kind)
     if forced in ("eager", "native"):
         return runner if forced == "native" else None
-    return runner if _decide(model, runner) == "native" else None
+    return runner if _decide(model, runner, B) == "native" else None
 
 
 class Runner:
     """The compiled step for one model, and the call the model makes."""
 
-    def __init__(self, step, kind: str, key: tuple):
-        self.step, self.kind, self.key = step, kind, key
+    def __init__(self, step, kind: str, shape: tuple):
+        self.step, self.kind, self.shape = step, kind, shape
+
+    def key(self, rows: int) -> tuple:
+        return ("step", self.kind, row_bucket(rows), *self.shape)
 
     def __call__(self, resid: torch.Tensor, cache) -> torch.Tensor:
-        out = self.step.run(resid.reshape(-1).contiguous(), cache.k, cache.v, cache.length)
+        B, _, D = resid.shape
+        out = self.step.run(resid.reshape(B, D).contiguous(), cache.k, cache.v, cache.length)
         return out.view(resid.shape)
 
 
@@ -109,8 +116,7 @@ def _build(model, cache) -> Runner | None:
                     [t.detach() for t in tensors])  # fmt: skip
     except RuntimeError:  # shapes or dtypes the kernels do not take
         return None
-    key = ("step", kind, 1, cfg.n_layers, cfg.d_model, cfg.d_mlp)
-    return Runner(step, kind, key)
+    return Runner(step, kind, (cfg.n_layers, cfg.d_model, cfg.d_mlp))
 
 
 def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -123,19 +129,20 @@ def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
     return [m.weight, bias, empty, empty]
 
 
-def _decide(model, runner: Runner) -> str:
-    """"native" or "eager" for this runner's case: known after the first ask (this
-    process's, or the cache file's: then nothing is timed)."""
-    choice = chooser().choices.get(runner.key)
+def _decide(model, runner: Runner, rows: int) -> str:
+    """"native" or "eager" for this runner's case at `rows` rows: known after the first
+    ask (this process's, or the cache file's: then nothing is timed)."""
+    key = runner.key(rows)
+    choice = chooser().choices.get(key)
     if choice is not None:
         return choice.name
     scratch = None
-    first = torch.zeros(1, 1, dtype=torch.long)
+    first = torch.zeros(rows, 1, dtype=torch.long)
 
     def ready():  # a one-token cache whose position 1 every timed run writes
         nonlocal scratch
         if scratch is None:
-            scratch = model.new_cache(1, 2)
+            scratch = model.new_cache(rows, 2)
             with force("step", "eager"):
                 model(first, cache=scratch)
         return scratch
@@ -147,9 +154,10 @@ def _decide(model, runner: Runner) -> str:
 
     def fast(_copy: int) -> None:
         cache = ready()
-        runner.step.run(model.wte.weight[0].detach(), cache.k, cache.v, 1)
+        x = model.wte.weight[first[:, 0]].detach()
+        runner.step.run(x, cache.k, cache.v, 1)
 
     weights = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
     weights += sum(t.numel() * t.element_size() for t in model.blocks.buffers())
-    return chooser().pick(runner.key, {"eager": eager, "native": fast}, op="step",
-                          dtype=runner.kind, weight_bytes=weights)  # fmt: skip
+    return chooser().pick(key, {"eager": eager, "native": fast}, op="step", dtype=runner.kind,
+                          weight_bytes=weights)  # fmt: skip
