@@ -3,20 +3,25 @@
     python benchmarks/decode_overhead.py [--layers 24] [--rounds 20] [--dtypes float32,bfloat16,int8]
 
 A decode step reads every weight once; everything else (LayerNorms, attention over the
-cache, residual adds, the KV-cache write, Python between the ops) is overhead that no
-faster matmul removes. For each dtype this times, interleaved, best of N:
-- `step`: one `model(token, cache=cache)` call at gpt2-medium size (random weights),
-  after a 16-token prompt, logits for the last token (what generation runs);
-- `matmuls`: the same linear / int8 calls alone, on the same kernels the step chose,
-  with 1-row inputs: the weight reads;
-and prints `step - matmuls` = the per-token overhead in ms, with its share of the step.
-A `torch.profiler` table of the step's top ops (self CPU time) follows, to say where the
-overhead goes.
+cache, residual adds, the KV-cache write, Python between the ops, threads waiting for
+each other) is overhead that no faster matmul removes. For each dtype this times,
+interleaved, best of N:
+- `native step` / `eager step`: one `model(token, cache=cache)` call at gpt2-medium size
+  (random weights), after a 16-token prompt, logits for the last token (what generation
+  runs), with the step forced native (kernels/step.py: all blocks in one C++ call) or
+  eager (the blocks op by op in PyTorch);
+- `matmuls`: the eager step's linear / int8 calls alone, on the kernels it chose, with
+  1-row inputs;
+- `read`: a sum over 512 MB (the memory read speed), so `weights` = the bytes a step
+  reads / that speed = the step's floor on this machine;
+and prints each step's time outside the weight reads (step - weights) with its share.
+A `torch.profiler` table of the eager step's top ops (self CPU time) follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -28,26 +33,35 @@ from gpt2lab.quantize import quantize
 
 
 def build(layers: int, dtype: str) -> gpt2lab.GPT2:
-    cfg = GPT2Config.preset("gpt2-medium").replace(n_layers=layers) if layers != 24 else (
-        GPT2Config.preset("gpt2-medium"))  # fmt: skip
+    cfg = dataclasses.replace(GPT2Config.preset("gpt2-medium"), n_layers=layers)
     model = gpt2lab.GPT2(cfg).init_weights(seed=0).eval()
     if dtype == "int8":
         return quantize(model, "int8")
     return model.to(getattr(torch, dtype))
 
 
-def step_runner(model):
+def step_runner(model, mode: str):
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
     token = prompt[:, -1:]
 
     def run():
         cache = model.new_cache(1, 18)
         model(prompt, cache=cache, logits_to_keep=1)
-        start = time.perf_counter()
-        model(token, cache=cache, logits_to_keep=1)
-        return time.perf_counter() - start
+        with gpt2lab.kernels.force("step", mode):
+            start = time.perf_counter()
+            model(token, cache=cache, logits_to_keep=1)
+            return time.perf_counter() - start
 
     return run
+
+
+def weight_bytes(model) -> int:
+    """Bytes a step reads: every block's weights, the final LayerNorm, the unembedding
+    (its int8 copy where the model has one and it is the one used, else the embedding)."""
+    parts = [model.blocks, model.ln_final]
+    total = sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()])
+    unembed = model.wte.weight if model.unembed.weight is None else model.unembed.weight
+    return total + unembed.numel() * unembed.element_size()
 
 
 def matmul_runner(model):
@@ -89,8 +103,17 @@ def main() -> None:
     models = {d: build(args.layers, d) for d in dtypes}
     runs = {}
     for d, m in models.items():
-        runs[f"{d} step"] = step_runner(m)
+        runs[f"{d} native step"] = step_runner(m, "native")
+        runs[f"{d} eager step"] = step_runner(m, "eager")
         runs[f"{d} matmuls"] = matmul_runner(m)
+    data = torch.ones(512 * 2**20 // 4)
+
+    def read():
+        start = time.perf_counter()
+        data.sum()
+        return time.perf_counter() - start
+
+    runs["read"] = read
     best = {k: float("inf") for k in runs}
     with torch.inference_mode():
         for run in runs.values():  # warm-up: kernels built and chosen
@@ -102,22 +125,28 @@ def main() -> None:
     print_machine(
         f"gpt2-medium shapes, {args.layers} layers, best of {args.rounds} interleaved rounds"
     )
-    print("\n## Per-token time outside the weight reads (batch 1, 17th token)\n")
-    print("| dtype | step ms | matmuls ms | overhead ms | overhead share |")
-    print("|---|---:|---:|---:|---:|")
+    gbps = data.numel() * 4 / best["read"] / 1e9
+    print(f"\n## Per-token time outside the weight reads (batch 1, 17th token; read speed "
+          f"{gbps:.1f} GB/s)\n")  # fmt: skip
+    print("| dtype | weights ms | native step ms | outside | eager step ms | outside "
+          "| eager matmuls alone ms |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for d in dtypes:
-        step, mm = best[f"{d} step"] * 1e3, best[f"{d} matmuls"] * 1e3
-        print(f"| {d} | {step:.2f} | {mm:.2f} | {step - mm:.2f} | {(step - mm) / step:.0%} |")
+        floor = weight_bytes(models[d]) / gbps / 1e6
+        nat, eag = best[f"{d} native step"] * 1e3, best[f"{d} eager step"] * 1e3
+        print(f"| {d} | {floor:.2f} | {nat:.2f} | {nat - floor:.2f} ({(nat - floor) / nat:.0%}) "
+              f"| {eag:.2f} | {eag - floor:.2f} ({(eag - floor) / eag:.0%}) "
+              f"| {best[f'{d} matmuls'] * 1e3:.2f} |")  # fmt: skip
     if args.no_profile:
         return
     from torch.profiler import ProfilerActivity, profile
 
     for d in dtypes:
-        run = runs[f"{d} step"]
+        run = runs[f"{d} eager step"]
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 run()
-        print(f"\n## {d}: top ops of 5 steps (prompt + token each), by self CPU time\n")
+        print(f"\n## {d}: top ops of 5 eager steps (prompt + token each), by self CPU time\n")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 

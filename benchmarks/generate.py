@@ -13,10 +13,11 @@ What it measures
    for reference, transformers bf16 (`.to(torch.bfloat16)`). tokens/s = new tokens /
    wall time of the whole call (prompt prefill included), and each one's ratio to
    transformers fp32. Decoding one token reads every weight once, so memory speed
-   caps it: the memory read speed is measured next to the rounds (the best of
-   sums over a 512 MB tensor, before and after) and each variant's tokens/s is also
-   given as a share of that ceiling (read speed / bytes of weights per token). On a
-   shared machine (a VM) the read speed itself varies from run to run.
+   caps it: the memory read speed is measured in the same rounds (a sum over a 512 MB
+   tensor runs in every round, between the variants; its best round counts) and each
+   variant's tokens/s is also given as a share of that ceiling (read speed / bytes of
+   weights per token). On a shared machine (a VM) the read speed itself varies from
+   minute to minute, which is why it is measured beside the variants, not before.
 2. Batch-8 throughput: 8 prompts of 16 tokens, the same number of new tokens each,
    gpt2lab fp32 vs transformers fp32 (plus gpt2lab bf16 and int8).
 3. Quality cost of the faster dtypes: max and mean |logit difference| of gpt2lab bf16
@@ -79,16 +80,21 @@ TEXT = (Path(__file__).parents[1] / "tests" / "data" / "hamlet_sonnet18.txt").re
 
 
 # ---- timing -------------------------------------------------------------------------
-def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """Memory read speed in GB/s: the best of `repeats` sums over `mbytes` MB (far beyond
-    any cache), which is how a batch-1 decoding step reads its weights."""
-    data = torch.ones(mbytes * 2**20 // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 4 / best / 1e9
+READ_MB = 512
+READ = "(memory read)"
+
+
+def timed_with_read_speed(fns: dict, rounds: int) -> tuple[dict[str, list[float]], float]:
+    """`interleaved_rounds(fns)` with one more entry in every round: a sum over a
+    READ_MB tensor (far beyond any cache), which is how a batch-1 decoding step reads
+    its weights. Returns the rounds (that entry removed) and the memory read speed in
+    GB/s, the best of the rounds: measured in the same rounds, under the same load, as
+    what it is the ceiling of (on a shared machine it varies from minute to minute)."""
+    data = torch.ones(READ_MB * 2**20 // 4)
+    data.sum()
+    times = interleaved_rounds({**fns, READ: data.sum}, rounds)
+    best = min(times.pop(READ))
+    return times, data.numel() * 4 / best / 1e9
 
 
 def weight_bytes(model) -> int:
@@ -196,13 +202,11 @@ def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all
                 a == b for r, s in zip(out, theirs, strict=True) for a, b in zip(r, s, strict=True)
             )
             print(f"  {name}: {same}/{batch * new_tokens} greedy tokens equal transformers fp32's")
-        gbps = read_bandwidth()
-        times = interleaved_rounds(fns, rounds)
-        gbps = max(gbps, read_bandwidth())
+        times, gbps = timed_with_read_speed(fns, rounds)
     show_rounds(times)
     rate = ceilings(ours, gbps, batch)
     print(
-        f"\nmemory read speed {gbps:.1f} GB/s (best of before and after the rounds); "
+        f"\nmemory read speed {gbps:.1f} GB/s (best of a {READ_MB} MB sum run in every round); "
         "the tok/s it allows if a step only read the weights: "
         + ", ".join(f"{name} {rate[f'gpt2lab {name}']:.0f}" for name in ours)
         + "\n"
@@ -252,10 +256,8 @@ def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
             for fn in [*fns.values(), *fns8.values()]:  # warm-up
                 fn()
             ll.update({n: {} for n in files})  # the warm-up's times are not kept
-            gbps = read_bandwidth()
-            times = interleaved_rounds(fns, rounds)
+            times, gbps = timed_with_read_speed(fns, rounds)
             times8 = interleaved_rounds(fns8, max(1, rounds // 2))
-            gbps = max(gbps, read_bandwidth())
         read = {n: gguf_read_bytes(f) for n, f in files.items()}
     for n in ours:  # llama.cpp's own timers replace the wall time of its processes
         times[f"llama.cpp {SAME_PRECISION[n]}"] = ll[n]["pg"]
@@ -267,7 +269,7 @@ def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
         print(f"  llama.cpp {SAME_PRECISION[n]:<14} decode-only rounds (s): "
               + " ".join(f"{t:.3f}" for t in ll[n]["tg"])
               + "; prefill: " + " ".join(f"{t:.4f}" for t in ll[n]["pp"]))  # fmt: skip
-    print(f"\nmemory read speed {gbps:.1f} GB/s (best of before and after the rounds)\n")
+    print(f"\nmemory read speed {gbps:.1f} GB/s (best of a {READ_MB} MB sum run in every round)\n")
     N = new_tokens
     print(
         f"Batch 1: prefill {PROMPT_LEN} tokens then decode {N} (tok/s = {N} / time, best round)\n"
