@@ -59,7 +59,9 @@ def weight_bytes(model) -> int:
     """Bytes a step reads: every block's weights, the final LayerNorm, the unembedding
     (its int8 copy where the model has one and it is the one used, else the embedding)."""
     parts = [model.blocks, model.ln_final]
-    total = sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()])
+    total = sum(
+        t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()]
+    )
     unembed = model.wte.weight if model.unembed.weight is None else model.unembed.weight
     return total + unembed.numel() * unembed.element_size()
 

@@ -57,7 +57,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -84,17 +83,31 @@ READ_MB = 512
 READ = "(memory read)"
 
 
-def timed_with_read_speed(fns: dict, rounds: int) -> tuple[dict[str, list[float]], float]:
+def timed_with_read_speed(
+    fns: dict, rounds: int
+) -> tuple[dict[str, list[float]], float, list[float]]:
     """`interleaved_rounds(fns)` with one more entry in every round: a sum over a
     READ_MB tensor (far beyond any cache), which is how a batch-1 decoding step reads
-    its weights. Returns the rounds (that entry removed) and the memory read speed in
-    GB/s, the best of the rounds: measured in the same rounds, under the same load, as
-    what it is the ceiling of (on a shared machine it varies from minute to minute)."""
+    its weights. Returns the rounds (that entry removed), the memory read speed in GB/s
+    (the best round: measured in the same rounds, under the same load, as what it is
+    the ceiling of; on a shared machine it varies from minute to minute) and each
+    round's read speed, to pair each round with its own ceiling (`paired_share`)."""
     data = torch.ones(READ_MB * 2**20 // 4)
     data.sum()
     times = interleaved_rounds({**fns, READ: data.sum}, rounds)
-    best = min(times.pop(READ))
-    return times, data.numel() * 4 / best / 1e9
+    speeds = [data.numel() * 4 / t / 1e9 for t in times.pop(READ)]
+    return times, max(speeds), speeds
+
+
+def paired_share(
+    seconds: list[float], work: float, speeds: list[float], read_bytes: float
+) -> float:
+    """The median over rounds of (work / that round's seconds) / (what that round's read
+    speed allows: speed / read_bytes), in %: each round against the memory speed of its
+    own moment, where the best-of-rounds share sets a best against a best taken minutes
+    apart."""
+    shares = [work / t / (g * 1e9 / read_bytes) for t, g in zip(seconds, speeds, strict=True)]
+    return 100 * statistics.median(shares)
 
 
 def weight_bytes(model) -> int:
@@ -113,13 +126,15 @@ def ratio_table(
     tokens: int,
     reference: str,
     ceilings: dict[str, float] | None = None,
+    speeds: list[float] | None = None,
 ) -> None:
-    """`ceilings`: name -> the tokens/s memory speed allows, for a share-of-ceiling column."""
+    """`ceilings`: name -> the tokens/s memory speed allows at the best read speed, for
+    share-of-ceiling columns; `speeds`: each round's read speed, for the paired one."""
     best_ref = min(times[reference])
     med_ref = statistics.median(times[reference])
-    extra = " of ceiling |" if ceilings else ""
+    extra = " of ceiling | of ceiling, paired rounds |" if ceilings else ""
     print("| model | tok/s | ms/token | vs transformers fp32 | ratio of medians |" + extra)
-    print("|---|---:|---:|---:|---:|" + ("---:|" if ceilings else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|---:|" if ceilings else ""))
     for name, ts in times.items():
         best = min(ts)
         row = (
@@ -127,7 +142,10 @@ def ratio_table(
             f"| {best_ref / best:.2f} | {med_ref / statistics.median(ts):.2f} |"
         )
         if ceilings:
-            row += f" {100 * tokens / best / ceilings[name]:.0f}% |"
+            top = max(speeds)
+            per_byte = top * 1e9 / ceilings[name]  # bytes a token reads
+            row += (f" {100 * tokens / best / ceilings[name]:.0f}% "
+                    f"| {paired_share(ts, tokens, speeds, per_byte):.0f}% |")  # fmt: skip
         print(row)
     print(
         f"\ntok/s = new tokens generated ({tokens} in all) / wall time of the call, best round;"
@@ -202,8 +220,9 @@ def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all
                 a == b for r, s in zip(out, theirs, strict=True) for a, b in zip(r, s, strict=True)
             )
             print(f"  {name}: {same}/{batch * new_tokens} greedy tokens equal transformers fp32's")
-        times, gbps = timed_with_read_speed(fns, rounds)
+        times, gbps, speeds = timed_with_read_speed(fns, rounds)
     show_rounds(times)
+    print("  read speed (GB/s) by round: " + " ".join(f"{g:.1f}" for g in speeds))
     rate = ceilings(ours, gbps, batch)
     print(
         f"\nmemory read speed {gbps:.1f} GB/s (best of a {READ_MB} MB sum run in every round); "
@@ -211,7 +230,7 @@ def decode(hf, hf_bf16, ours, batch: int, new_tokens: int, rounds: int, with_all
         + ", ".join(f"{name} {rate[f'gpt2lab {name}']:.0f}" for name in ours)
         + "\n"
     )
-    ratio_table(times, batch * new_tokens, "transformers fp32", rate)
+    ratio_table(times, batch * new_tokens, "transformers fp32", rate, speeds)
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------
@@ -256,7 +275,7 @@ def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
             for fn in [*fns.values(), *fns8.values()]:  # warm-up
                 fn()
             ll.update({n: {} for n in files})  # the warm-up's times are not kept
-            times, gbps = timed_with_read_speed(fns, rounds)
+            times, gbps, speeds = timed_with_read_speed(fns, rounds)
             times8 = interleaved_rounds(fns8, max(1, rounds // 2))
         read = {n: gguf_read_bytes(f) for n, f in files.items()}
     for n in ours:  # llama.cpp's own timers replace the wall time of its processes
@@ -269,22 +288,25 @@ def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
         print(f"  llama.cpp {SAME_PRECISION[n]:<14} decode-only rounds (s): "
               + " ".join(f"{t:.3f}" for t in ll[n]["tg"])
               + "; prefill: " + " ".join(f"{t:.4f}" for t in ll[n]["pp"]))  # fmt: skip
-    print(f"\nmemory read speed {gbps:.1f} GB/s (best of a {READ_MB} MB sum run in every round)\n")
+    print(f"\nmemory read speed {gbps:.1f} GB/s (best of a {READ_MB} MB sum run in every round; "
+          "by round: " + " ".join(f"{g:.1f}" for g in speeds) + ")\n")  # fmt: skip
     N = new_tokens
     print(
         f"Batch 1: prefill {PROMPT_LEN} tokens then decode {N} (tok/s = {N} / time, best round)\n"
     )
-    print("| precision | gpt2lab tok/s | of ceiling | llama.cpp tok/s | of ceiling "
-          "| gpt2lab / llama.cpp | llama.cpp decode only, tok/s |")  # fmt: skip
+    print("| precision | gpt2lab tok/s | of ceiling (paired rounds) | llama.cpp tok/s "
+          "| of ceiling (paired rounds) | gpt2lab / llama.cpp | llama.cpp decode only, tok/s |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
     for n, m in ours.items():
         k = SAME_PRECISION[n]
         ours_ts = N / min(times[f"gpt2lab {n}"])
         theirs = N / min(ll[n]["pg"])
         c_ours, c_theirs = gbps * 1e9 / weight_bytes(m), gbps * 1e9 / read[n]
-        print(f"| {n} / {k} | {ours_ts:.1f} | {100 * ours_ts / c_ours:.0f}% | {theirs:.1f} "
-              f"| {100 * theirs / c_theirs:.0f}% | {ours_ts / theirs:.2f} "
-              f"| {N / min(ll[n]['tg']):.1f} |")  # fmt: skip
+        p_ours = paired_share(times[f"gpt2lab {n}"], N, speeds, weight_bytes(m))
+        p_theirs = paired_share(ll[n]["pg"], N, speeds, read[n])
+        print(f"| {n} / {k} | {ours_ts:.1f} | {100 * ours_ts / c_ours:.0f}% ({p_ours:.0f}%) "
+              f"| {theirs:.1f} | {100 * theirs / c_theirs:.0f}% ({p_theirs:.0f}%) "
+              f"| {ours_ts / theirs:.2f} | {N / min(ll[n]['tg']):.1f} |")  # fmt: skip
     print(f"\nPrefill of {PROMPT_LEN} tokens, batch 1 (tok/s = {PROMPT_LEN} / time, best round)\n")
     print("| precision | gpt2lab tok/s | llama.cpp tok/s | gpt2lab / llama.cpp |")
     print("|---|---:|---:|---:|")

@@ -34,8 +34,9 @@ def ckpts(tmp_path_factory):
         "small": dict(),
         "wide": dict(n_embd=256, n_head=4, n_layer=3, vocab_size=1000),
         "erf": dict(n_embd=128, n_head=4, n_layer=2, activation_function="gelu", vocab_size=1000),
-        "inv": dict(n_embd=128, n_head=2, n_layer=3, scale_attn_by_inverse_layer_idx=True,
-                    vocab_size=1000),  # fmt: skip
+        "inv": dict(
+            n_embd=128, n_head=2, n_layer=3, scale_attn_by_inverse_layer_idx=True, vocab_size=1000
+        ),  # fmt: skip
     }
     out = {}
     for name, over in shapes.items():
@@ -64,7 +65,11 @@ def _decode(model, prompt, steps: int, mode: str, feed: torch.Tensor | None = No
         logits = model(prompt, cache=cache)[:, -1:]
         out, toks = [], []
         for i in range(steps):
-            tok = logits[:, -1].float().argmax(-1, keepdim=True) if feed is None else feed[:, i : i + 1]
+            tok = (
+                logits[:, -1].float().argmax(-1, keepdim=True)
+                if feed is None
+                else feed[:, i : i + 1]
+            )
             assert tok.shape == (prompt.shape[0], 1)
             toks.append(tok)
             with kernels.force("step", mode):
@@ -168,7 +173,7 @@ def test_threads_decoding_their_own_caches_get_what_each_gets_alone(ckpts):
         t.start()
     for t in threads:
         t.join()
-    for a, b in zip(alone, got):
+    for a, b in zip(alone, got, strict=True):
         assert torch.equal(a, b)
 
 
@@ -200,7 +205,9 @@ def test_the_step_applies_only_where_nothing_could_tell(ckpts):
         lnfree.blocks[0].ln1.fixed_scale = 1.0
         assert _plan(lnfree, lnfree.new_cache(1, 8)) is None
         relu = gpt2lab.GPT2(
-            gpt2lab.GPT2Config(d_model=64, n_heads=4, n_layers=1, d_vocab=50, n_ctx=16, act_fn="relu")
+            gpt2lab.GPT2Config(
+                d_model=64, n_heads=4, n_layers=1, d_vocab=50, n_ctx=16, act_fn="relu"
+            )
         ).eval()
         assert _plan(relu, relu.new_cache(1, 8)) is None
     assert _plan(model, cache) is None  # autograd on

@@ -491,9 +491,11 @@ class GPT2(HookedModule):
         # apart from its matmul), whichever hooks they are: what a hook reads never
         # depends on what else is hooked. Otherwise the fused kernels run.
         step_by_step = hooked(self)
-        # One new token of one sequence, nothing hooked: all blocks in one native call
-        # where that was measured faster here (kernels/step.py); None: the blocks below.
-        native_step = None if step_by_step else decode_step(self, cache, B, T, key_mask, stop_at_layer)
+        # One new token per sequence, no padding, nothing hooked: all blocks in one native
+        # call where that was measured faster here (kernels/step.py); None: the blocks below.
+        native_step = (
+            None if step_by_step else decode_step(self, cache, B, T, key_mask, stop_at_layer)
+        )
         with where_tokens_are(seq_pos, key_mask, past, cache):  # for hooks that act by position
             resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
             if native_step is not None:

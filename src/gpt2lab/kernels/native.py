@@ -55,7 +55,12 @@ from pathlib import Path
 
 NAME = "gpt2lab_gemv"
 SOURCES = ("gemv.cpp", "gemv_f32.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "step.cpp", "step_ops.cpp")
-DEPENDS = ("chunks.h", "gemv.h", "gemv_common.h", "step.h")  # part of the build's hash: an edit rebuilds
+DEPENDS = (
+    "chunks.h",
+    "gemv.h",
+    "gemv_common.h",
+    "step.h",
+)  # part of the build's hash: an edit rebuilds
 BUILD_WAIT_S = 600.0  # longest wait for another process's build before falling back
 
 # The CPU flags (as /proc/cpuinfo names them) each kernel needs, and the multiple of

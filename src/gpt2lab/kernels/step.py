@@ -88,7 +88,9 @@ def _build(model, cache) -> Runner | None:
     d_head = cfg.d_model // cfg.n_heads
     if act is None or cfg.n_heads * d_head != cfg.d_model or d_head % 16 or d_head > 128:
         return None
-    layers = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    layers = [
+        m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+    ]
     if all(type(m) is Int8Linear for m in layers):
         kind = "int8"
     elif all(type(m) is Linear for m in layers) and model.dtype in (torch.float32, torch.bfloat16):
@@ -130,8 +132,8 @@ def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _decide(model, runner: Runner, rows: int) -> str:
-    """"native" or "eager" for this runner's case at `rows` rows: known after the first
-    ask (this process's, or the cache file's: then nothing is timed)."""
+    """Which step runs this runner's case at `rows` rows, "native" or "eager": known
+    after the first ask (this process's, or the cache file's: then nothing is timed)."""
     key = runner.key(rows)
     choice = chooser().choices.get(key)
     if choice is not None:
