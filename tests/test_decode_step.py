@@ -195,6 +195,9 @@ def test_the_step_applies_only_where_nothing_could_tell(ckpts):
         assert _plan(model, model.new_cache(17, 8), B=17) is None  # past the kernels' rows
         assert _plan(model, cache, key_mask=torch.ones(1, 3, dtype=torch.bool)) is None  # padding
         assert _plan(model, cache, stop_at_layer=1) is None
+        odd = model.new_cache(1, 8)  # cache tensors replaced by something it cannot read
+        odd.k = odd.k.transpose(3, 4).contiguous().transpose(3, 4)
+        assert _plan(model, odd) is None
         with kernels.force("step", "eager"):
             assert kstep.plan(model, cache, 1, 1, None, None) is None
         # modules that are not the model's own: a replaced linear layer, an LN-free model

@@ -55,7 +55,7 @@ def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | No
         held = (weakref.ref(model), _build(model, cache))
         cache._native_step = held
     runner = held[1]
-    if runner is None:
+    if runner is None or not runner.takes(cache):
         return None
     forced = forced_for("step", runner.kind)
     if forced in ("eager", "native"):
@@ -68,6 +68,16 @@ class Runner:
 
     def __init__(self, step, kind: str, shape: tuple):
         self.step, self.kind, self.shape = step, kind, shape
+        self.dtype = KINDS[kind][1]
+
+    def takes(self, cache) -> bool:
+        """Whether the cache's tensors are still ones the step reads (beam search replaces
+        them by reordered copies; a caller could put anything there)."""
+        k, v = cache.k, cache.v
+        return (
+            k.dtype == self.dtype and v.dtype == self.dtype and k.is_contiguous()
+            and v.is_contiguous() and k.device.type == "cpu" and v.shape == k.shape
+        )  # fmt: skip
 
     def key(self, rows: int) -> tuple:
         return ("step", self.kind, row_bucket(rows), *self.shape)
@@ -100,8 +110,6 @@ def _build(model, cache) -> Runner | None:
     dtype = KINDS[kind][1]
     norms = [n for b in model.blocks for n in (b.ln1, b.ln2)]
     if any(type(n) is not LayerNorm or n.fixed_scale is not None for n in norms):
-        return None
-    if cache.k.dtype != dtype or cache.k.device.type != "cpu" or not cache.k.is_contiguous():
         return None
     Step = native.step_class(kind)
     if Step is None:
