@@ -238,6 +238,27 @@ def test_a_hooked_model_runs_every_block_eagerly(ckpts):
     assert len(seen) == 5  # the prompt, then four single-token steps
 
 
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_steering_steps_every_token_eagerly(ckpts, positions):
+    """Steering hooks only write, so the fused kernels stay on; but the native step has
+    no hook points: a steered generation must be the eager one, and differ from plain."""
+    _needs("f32")
+    from gpt2lab.steering import SteeringVector
+
+    model = _model(ckpts["wide"][0], "f32")
+    direction = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 4
+    v = SteeringVector({"blocks.1.hook_resid_post": direction})
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    out = {}
+    for mode in ("native", "eager"):
+        with kernels.force("step", mode), model.steer(v, 3.0, positions=positions):
+            out[mode] = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    with kernels.force("step", "native"):
+        plain = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(torch.as_tensor(out["native"]), torch.as_tensor(out["eager"]))
+    assert not torch.equal(torch.as_tensor(out["native"]), torch.as_tensor(plain))
+
+
 def test_whether_it_runs_is_decided_by_timing_both(ckpts, tmp_path, monkeypatch):
     """The case is the chooser's: both candidates timed, the faster kept (not asserted:
     which is faster is the machine's business), and the model then follows the choice."""

@@ -530,6 +530,20 @@ def hooked(model: HookedModule) -> bool:
     return False
 
 
+def any_hook(model: HookedModule) -> bool:
+    """Whether any hook of `model` would fire in this context, writes-only ones
+    (steering, which keeps the fused kernels) included: the native decoding step
+    (kernels/step.py) has no hook points, so it must step aside for every one."""
+    points = model.hook_points
+    if any(hp.persistent for hp in points):
+        return True
+    if _open_blocks:
+        for scope in _scopes.get():
+            if scope.root.open and (scope.owner is model or not points.isdisjoint(scope.hooks)):
+                return True
+    return False
+
+
 class Positions(NamedTuple):
     """Where the tokens of the forward pass now running sit in their sequences, for hooks
     that act by position (steering): `ids` [batch, pos], each token's position among the

@@ -12,8 +12,8 @@ blocks; where it returns a runner, the blocks run through it and nothing else ch
 It applies only where nothing could tell the difference:
 - one new token for each of at most MAX_ROWS sequences, with a KV cache, no padding (no
   key mask), all blocks;
-- no hook of the model attached (the caller checks `hooked` first), autograd off, not
-  tracing, CPU;
+- no hook of the model attached or in a `hooks()` block, writes-only ones (steering)
+  included; autograd off, not tracing, CPU;
 - the model's own modules, unreplaced: LayerNorms with a live scale (not LN-free),
   `Linear` layers all float32 or all bf16, or `Int8Linear` layers all with bf16
   activations; a GELU the kernels fuse; d_head a multiple of 16 (at most 128);
@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..hooks import any_hook
 from . import native
 from .choose import chooser, force, forced_for, row_bucket
 from .linear import NATIVE_MAX_ROWS as MAX_ROWS  # the kernels' range: beyond, GEMMs win
@@ -48,7 +49,7 @@ def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | No
     None to run them eagerly (see the module docstring)."""
     if cache is None or T != 1 or B > MAX_ROWS or key_mask is not None or stop_at_layer is not None:
         return None
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or any_hook(model):
         return None
     held = cache.__dict__.get("_native_step")
     if held is None or held[0]() is not model:
