@@ -518,28 +518,25 @@ def hooked(model: HookedModule) -> bool:
 
     The model asks once per forward and, if so, computes every layer step by step (see
     `GPT2.forward`): what a hook reads must not depend on which other hooks are attached."""
-    points = model.hook_points
-    if any(hp.persistent for hp in points):
-        return True
-    if _open_blocks:
-        for scope in _scopes.get():
-            if scope.writes_only or not scope.root.open:
-                continue
-            if scope.owner is model or not points.isdisjoint(scope.hooks):
-                return True
-    return False
+    return _hooks_in_effect(model, with_writes_only=False)
 
 
 def any_hook(model: HookedModule) -> bool:
     """Whether any hook of `model` would fire in this context, writes-only ones
     (steering, which keeps the fused kernels) included: the native decoding step
     (kernels/step.py) has no hook points, so it must step aside for every one."""
+    return _hooks_in_effect(model, with_writes_only=True)
+
+
+def _hooks_in_effect(model: HookedModule, with_writes_only: bool) -> bool:
     points = model.hook_points
     if any(hp.persistent for hp in points):
         return True
     if _open_blocks:
         for scope in _scopes.get():
-            if scope.root.open and (scope.owner is model or not points.isdisjoint(scope.hooks)):
+            if (scope.writes_only and not with_writes_only) or not scope.root.open:
+                continue
+            if scope.owner is model or not points.isdisjoint(scope.hooks):
                 return True
     return False
 

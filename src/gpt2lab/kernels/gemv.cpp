@@ -13,7 +13,6 @@
 
 namespace {
 
-
 bool cpu_has(const char* what) {
   __builtin_cpu_init();
   if (std::string(what) == "f32") return __builtin_cpu_supports("avx512f");

@@ -120,12 +120,10 @@ def _build(model, cache) -> Runner | None:
         tensors += [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias]
         for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             tensors += _linear_tensors(m, dtype)
-    if any(t.dtype not in (dtype, torch.int8, torch.int32, torch.float32) for t in tensors):
-        return None
     try:
         step = Step(KINDS[kind][0], act, cfg.layer_norm_eps, [b.attn.scale for b in model.blocks],
                     [t.detach() for t in tensors])  # fmt: skip
-    except RuntimeError:  # shapes or dtypes the kernels do not take
+    except RuntimeError:  # shapes or dtypes the kernels do not take (step.cpp checks)
         return None
     return Runner(step, kind, (cfg.n_layers, cfg.d_model, cfg.d_mlp))
 
