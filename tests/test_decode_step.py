@@ -5,6 +5,7 @@ aside wherever something could tell the difference (hooks, padding, batches, aut
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -177,9 +178,9 @@ def test_threads_decoding_their_own_caches_get_what_each_gets_alone(ckpts):
         assert torch.equal(a, b)
 
 
-def _plan(model, cache, B=1, T=1, key_mask=None, stop_at_layer=None):
+def _plan(model, cache, B=1, T=1, key_mask=None, stop_at_layer=None, return_type="logits"):
     with kernels.force("step", "native"):
-        return kstep.plan(model, cache, B, T, key_mask, stop_at_layer)
+        return kstep.plan(model, cache, B, T, key_mask, stop_at_layer, return_type)
 
 
 def test_the_step_applies_only_where_nothing_could_tell(ckpts):
@@ -195,11 +196,13 @@ def test_the_step_applies_only_where_nothing_could_tell(ckpts):
         assert _plan(model, model.new_cache(17, 8), B=17) is None  # past the kernels' rows
         assert _plan(model, cache, key_mask=torch.ones(1, 3, dtype=torch.bool)) is None  # padding
         assert _plan(model, cache, stop_at_layer=1) is None
+        for other_result in (None, "loss", "both"):
+            assert _plan(model, cache, return_type=other_result) is None
         odd = model.new_cache(1, 8)  # cache tensors replaced by something it cannot read
         odd.k = odd.k.transpose(3, 4).contiguous().transpose(3, 4)
         assert _plan(model, odd) is None
         with kernels.force("step", "eager"):
-            assert kstep.plan(model, cache, 1, 1, None, None) is None
+            assert kstep.plan(model, cache, 1, 1, None, None, "logits") is None
         # modules that are not the model's own: a replaced linear layer, an LN-free model
         other = _model(path, "f32")
         other.blocks[1].mlp.c_fc = torch.nn.Linear(64, 256)
@@ -221,7 +224,7 @@ def test_the_environment_forces_the_eager_step(ckpts, monkeypatch):
     model = _model(ckpts["small"][0], "f32")
     monkeypatch.setenv("GPT2LAB_KERNELS", "step=eager")
     with torch.no_grad():
-        assert kstep.plan(model, model.new_cache(1, 8), 1, 1, None, None) is None
+        assert kstep.plan(model, model.new_cache(1, 8), 1, 1, None, None, "logits") is None
 
 
 def test_a_hooked_model_runs_every_block_eagerly(ckpts):
@@ -274,7 +277,7 @@ def test_whether_it_runs_is_decided_by_timing_both(ckpts, tmp_path, monkeypatch)
     assert set(choice.seconds) == {"eager", "native"}
     assert choice.name == min(choice.seconds, key=choice.seconds.get)
     with torch.no_grad():
-        runs = kstep.plan(model, cache, 1, 1, None, None) is not None
+        runs = kstep.plan(model, cache, 1, 1, None, None, "logits") is not None
     assert runs == (choice.name == "native")
 
 
@@ -293,3 +296,42 @@ def test_the_last_position_of_the_cache_is_usable(ckpts):
         with pytest.raises(gpt2lab.GPT2LabError, match="longer than the model's context"):
             model(torch.tensor([[5]]), cache=cache)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+def _processed_steps(model, prompt, mode: str, edit: float = 3.0) -> torch.Tensor:
+    """Three steps at explicit positions (one for the batch, then one per row), with an
+    in-place edit of W_U before the third; their logits."""
+    cache = model.new_cache(2, 9)
+    with torch.no_grad(), kernels.force("step", mode):
+        model(prompt, cache=cache)
+        a = model(torch.tensor([[7], [8]]), cache=cache, position_ids=torch.tensor([[40]]))
+        b = model(torch.tensor([[9], [1]]), cache=cache, position_ids=torch.tensor([[3], [50]]))
+        model.unembed.weight[:, 5] += edit
+        c = model(torch.tensor([[2], [6]]), cache=cache)
+        model.unembed.weight[:, 5] -= edit
+    assert mode == "eager" or cache.__dict__["_native_step"][1] is not None
+    return torch.cat([a, b, c], 1).float()
+
+
+@pytest.mark.parametrize("kind", ["f32", "int8"])
+def test_processed_weights_explicit_positions_and_edits_of_the_unembedding(ckpts, kind):
+    """The step computes the embeddings and the unembedding too: after weight processing
+    (an untied unembedding with a bias, folded LayerNorms), at explicit position ids,
+    and after an in-place edit of W_U in the middle of decoding (an int8 model's copy is
+    remade), it gives the eager logits (int8: as close to float32 as eager is)."""
+    _needs(kind)
+    ref_model = _model(ckpts["wide"][0], "f32").process_weights()
+    assert ref_model.unembed.bias is not None  # (processing untied the unembedding)
+    model = quantize(copy.deepcopy(ref_model), "int8") if kind == "int8" else ref_model
+    prompt = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(4))
+    eager = _processed_steps(model, prompt, "eager")
+    fast = _processed_steps(model, prompt, "native")
+    scale = eager.abs().max().item()
+    unedited = _processed_steps(model, prompt, "native", edit=0.0)
+    assert (fast[:, 2] - unedited[:, 2]).abs().max().item() > 0.05 * scale  # the edit is seen
+    if kind == "f32":
+        assert (eager - fast).abs().max().item() <= 1e-5 * scale
+    else:
+        ref = _processed_steps(ref_model, prompt, "eager")
+        err_eager, err_fast = (eager - ref).abs().max().item(), (fast - ref).abs().max().item()
+        assert err_fast <= 1.5 * err_eager + 2**-8 * scale

@@ -476,34 +476,38 @@ class GPT2(HookedModule):
         key_mask = self._key_mask(attention_mask, B, T, past, cache, tokens.device)
         if past == 0 and cache is not None:
             cache.prompt_end = T  # a cache's first tokens are its prompt (steering counts them)
-        if key_mask is None:
-            seq_pos = torch.arange(past, past + T, device=tokens.device).expand(B, T)
-        else:  # count real tokens only, so left padding does not shift positions
-            seq_pos = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
-        if position_ids is None:
-            position_ids = seq_pos
-        else:
+        if position_ids is not None:
             position_ids = self._check_position_ids(position_ids, B, T, tokens.device)
-        mask = self._attn_mask(key_mask, T, past, tokens.device)
 
         # Hooked (a hook of this model attached, or inside its `hooks()` block), every
         # layer computes step by step (the LayerNorm, the attention pattern, the GELU
         # apart from its matmul), whichever hooks they are: what a hook reads never
         # depends on what else is hooked. Otherwise the fused kernels run.
         step_by_step = hooked(self)
-        # One new token per sequence, no padding, nothing hooked: all blocks in one native
-        # call where that was measured faster here (kernels/step.py); None: the blocks below.
-        native_step = (
-            None if step_by_step else decode_step(self, cache, B, T, key_mask, stop_at_layer)
-        )
+        # One new token per sequence, no padding, nothing hooked, logits asked for: all
+        # that follows in one native call, where that was measured faster here
+        # (kernels/step.py); None: the same math below, op by op.
+        native_step = None if step_by_step else decode_step(
+            self, cache, B, T, key_mask, stop_at_layer, return_type
+        )  # fmt: skip
+        if native_step is not None:
+            logits = native_step(tokens, position_ids, cache)
+            cache.length += T
+            return logits
+
+        if key_mask is None:
+            seq_pos = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        else:  # count real tokens only, so left padding does not shift positions
+            seq_pos = (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = seq_pos
+        mask = self._attn_mask(key_mask, T, past, tokens.device)
+
         with where_tokens_are(seq_pos, key_mask, past, cache):  # for hooks that act by position
             resid = self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(position_ids))
-            if native_step is not None:
-                resid = native_step(resid, cache)
-            else:
-                blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-                for block in blocks:
-                    resid = block(resid, mask, cache, step_by_step)
+            blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+            for block in blocks:
+                resid = block(resid, mask, cache, step_by_step)
         if stop_at_layer is not None:
             return resid
         if cache is not None:
@@ -533,12 +537,20 @@ class GPT2(HookedModule):
             raise GPT2LabError(
                 f"tokens are empty (shape {tuple(tokens.shape)}): give at least one row of one token"
             )
-        # One device sync for both bounds: this runs on every decoding step.
-        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+        # One device sync for both bounds, and as few ops as can be: this runs on every
+        # decoding step, where each torch op costs tens of microseconds (cold caches).
+        if tokens.numel() <= 64:
+            rows = tokens.tolist()
+            lo, hi = min(map(min, rows)), max(map(max, rows))
+        else:
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
         if lo < 0 or hi >= self.cfg.d_vocab:
             bad = hi if hi >= self.cfg.d_vocab else lo
             raise GPT2LabError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")
-        return tokens.to(device=self.wte.weight.device, dtype=torch.long)
+        device = self.wte.weight.device
+        if tokens.dtype == torch.long and tokens.device == device:
+            return tokens
+        return tokens.to(device=device, dtype=torch.long)
 
     def _check_options(self, cache, logits_to_keep, stop_at_layer) -> None:
         """forward()'s keyword arguments other than the masks: types and ranges."""

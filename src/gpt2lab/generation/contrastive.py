@@ -146,7 +146,8 @@ def contrastive_steps(
         source = rows * k + chosen
         logits = cand_logits[source, -1].float()
         _keep_selected(cache, cur, source, k)
-        yield next_token, logprobs.gather(1, next_token[:, None]).squeeze(1), done.clone()
+        logprob = logprobs.gather(1, next_token[:, None]).squeeze(1)
+        yield next_token.tolist(), logprob.tolist(), done.tolist()  # lists, as generate's _steps
         done |= torch.isin(next_token, stops)
         if bool(done.all()):
             return
@@ -175,7 +176,7 @@ def contrastive_search(
         model, tokens, attention_mask, penalty_alpha=penalty_alpha, top_k=top_k,
         max_new_tokens=max_new_tokens, stop_ids=eos, logits_processor=logits_processor,
     ):  # fmt: skip
-        for b, (t, was_done) in enumerate(zip(next_token.tolist(), finished.tolist(), strict=True)):
+        for b, (t, was_done) in enumerate(zip(next_token, finished, strict=True)):
             if not was_done:
                 out[b].append(t)
     return out

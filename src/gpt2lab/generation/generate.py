@@ -21,6 +21,7 @@ import torch
 
 from ..errors import GPT2LabError
 from ..inputs import prompt_kind, to_batch
+from ..kernels.pick import greedy
 from ..validate import (
     boolean,
     check_memory,
@@ -150,13 +151,16 @@ def _decode(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Se
 
 
 def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Settings) -> Iterator:
-    """Yield (next tokens [B], their log-probs [B], finished [B] before this step)."""
+    """Yield (next tokens, their log-probs, finished before this step), lists of B each.
+
+    Bookkeeping stays in Python lists: on a decoding step every torch op costs tens of
+    microseconds (the weight reads have just evicted the caches), a list op far less."""
     B, T = tokens.shape
     gens = (
         [torch.Generator(device=model.device).manual_seed(x) for x in s.seeds] if s.sample else []
     )
     eot = model.tokenizer.eot_token
-    stop_ids = torch.tensor(sorted(s.stop_ids), device=model.device, dtype=torch.long)
+    plain = not s.sample and not s.pipeline  # greedy on the raw logits: kernels.pick
 
     check_decoding_memory(
         model, f"generating for {B} prompts x {T + s.max_new_tokens} positions", B,
@@ -165,21 +169,28 @@ def _steps(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, s: _Set
     cache = model.new_cache(B, T + s.max_new_tokens)
     logits = model(tokens, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     check_finite(logits)
-    seq = torch.cat([tokens, tokens.new_empty(B, s.max_new_tokens)], dim=1)
-    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    seq = torch.cat([tokens, tokens.new_empty(B, s.max_new_tokens)], dim=1) if s.pipeline else None
+    done = [False] * B
     for step in range(s.max_new_tokens):
-        logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scores = s.pipeline(seq[:, : T + step], logits)
-        if s.sample:
-            next_token = _draw(torch.softmax(scores, dim=-1), gens)
+        if plain:
+            next_token, logprob = greedy(logits)
         else:
-            next_token = scores.argmax(-1)
-        next_token = torch.where(done, eot, next_token)
-        seq[:, T + step] = next_token
-        yield next_token, logprobs.gather(1, next_token[:, None]).squeeze(1), done.clone()
-        done |= torch.isin(next_token, stop_ids)
-        if bool(done.all()) or step == s.max_new_tokens - 1:
+            logits = logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            scores = s.pipeline(seq[:, : T + step], logits) if s.pipeline else logits
+            next_token = (
+                _draw(torch.softmax(scores, dim=-1), gens) if s.sample else scores.argmax(-1)
+            )
+            logprob = logprobs.gather(1, next_token[:, None]).squeeze(1)
+        ids = next_token.tolist()
+        if any(done):  # finished rows are fed the end token (their output is ignored)
+            ids = [eot if d else t for t, d in zip(ids, done, strict=True)]
+            next_token = torch.tensor(ids, dtype=torch.long, device=model.device)
+        if seq is not None:
+            seq[:, T + step] = next_token
+        yield ids, logprob.tolist(), done
+        done = [d or t in s.stop_ids for t, d in zip(ids, done, strict=True)]
+        if all(done) or step == s.max_new_tokens - 1:
             return
         logits = model(next_token[:, None], cache=cache)[:, -1]
 
@@ -376,9 +387,7 @@ def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
     reasons = ["length"] * B
     start = time.monotonic()
     for next_token, logprob, finished in _decode(model, tokens, mask, s):
-        for b, (t, lp, was_done) in enumerate(
-            zip(next_token.tolist(), logprob.tolist(), finished.tolist(), strict=True)
-        ):
+        for b, (t, lp, was_done) in enumerate(zip(next_token, logprob, finished, strict=True)):
             if was_done or reasons[b] != "length":
                 continue
             if lp != lp:  # NaN: the logits went non-finite after the prompt (checked there)
@@ -495,8 +504,8 @@ def _pieces(model: GPT2, tokens, mask, s: _Settings) -> Iterator[str]:
     row = _StopStrings(model, s.stop_strings)
     start = time.monotonic()
     for next_token, _, finished in _decode(model, tokens, mask, s):
-        t = int(next_token[0])
-        if bool(finished[0]) or t in s.stop_ids:
+        t = next_token[0]
+        if finished[0] or t in s.stop_ids:
             break
         piece = row.push(t)
         if piece:

@@ -155,7 +155,15 @@ def step_class(kind: str):
     """The compiled `Step` class (step.cpp: a whole decoding step in one call) for
     activations of kernel `kind` ("f32", "bf16", "int8"), or None where that kernel is
     switched off, unsupported or fails to build."""
-    return None if _kernel(kind) is None else getattr(_load(), "Step", None)
+    module = module_for(kind)
+    return None if module is None else getattr(module, "Step", None)
+
+
+def module_for(kind: str):
+    """The built module where kernel `kind` ("f32", "bf16", "int8") is available (its
+    instructions present, switched on, built), for the module's other functions that
+    need the same instructions (`greedy` needs those of "f32"); else None."""
+    return None if _kernel(kind) is None else _load()
 
 
 def _build():

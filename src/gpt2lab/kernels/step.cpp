@@ -1,6 +1,6 @@
 // A native decoding step: one new token of each of a few sequences (a batch without
-// padding) through every block of the model in one call (kernels/step.py decides when
-// it runs). An eager step pays ~40 small torch ops per layer around its weight reads
+// padding) from its id to its logits in one call: the embeddings, every block, the
+// final LayerNorm and the unembedding (kernels/step.py decides when it runs). An eager step pays ~40 small torch ops per layer around its weight reads
 // (3-14 ms a token at gpt2-medium size on the 2-core AMD EPYC); here the whole step is
 // one OpenMP region: each matrix-vector product is split by output columns over the
 // threads (gemv_*.cpp, each weight streamed once for all rows; chunks.h), the (row,
@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "chunks.h"
@@ -51,8 +52,10 @@ bool cpu_can(Kind kind) {
 
 class Step {
  public:
+  // tensors: kPerLayer per layer; head: the token and position embeddings, the final
+  // LayerNorm's weight and bias and the unembedding as a linear layer (4 tensors).
   Step(int64_t kind, int64_t act, double eps, std::vector<double> scales,
-       std::vector<torch::Tensor> tensors)
+       std::vector<torch::Tensor> tensors, std::vector<torch::Tensor> head)
       : kind_(static_cast<Kind>(kind)), act_(static_cast<int>(act)), eps_(static_cast<float>(eps)) {
     TORCH_CHECK(kind >= 0 && kind <= 2, "Step: kind must be 0 (float32), 1 (bf16) or 2 (int8)");
     TORCH_CHECK(cpu_can(kind_), "Step: this CPU lacks the instructions of this step");
@@ -79,20 +82,43 @@ class Step {
                   "Step: layer ", l, " has weights of the wrong shapes");
       layers_.push_back(std::move(layer));
     }
+    TORCH_CHECK(head.size() == 8, "Step: head must hold wte, wpe, ln_final weight and bias, and "
+                "the unembedding's 4 tensors");
+    wte_ = head[0], wpe_ = head[1], lnf_w_ = head[2], lnf_b_ = head[3];
+    for (const auto* emb : {&wte_, &wpe_})
+      TORCH_CHECK(emb->scalar_type() == adtype && emb->dim() == 2 && emb->size(1) == D_ &&
+                      emb->size(0) > 0 && emb->is_contiguous(),
+                  "Step: embeddings must be contiguous [rows, d_model] of the activation type");
+    for (const auto* ln : {&lnf_w_, &lnf_b_})
+      TORCH_CHECK(ln->scalar_type() == adtype && ln->numel() == D_ && ln->is_contiguous(),
+                  "Step: LayerNorm parameters must be contiguous [d_model] of the activation type");
+    unembed_ = lin(head.data() + 4);
+    TORCH_CHECK(unembed_.K == D_, "Step: the unembedding must be [d_vocab, d_model]");
   }
 
-  // x: the embedded tokens [rows, d_model], one new token for each of `rows` sequences
-  // of the same length (no padding); k_cache, v_cache: [layers, rows, heads, max_len,
-  // d_head] (the model's KVCache), written at `pos`; returns the residual stream after
-  // the last block [rows, d_model], in the activation type.
-  torch::Tensor run(torch::Tensor x, torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos,
-                    int64_t chunk_bytes) {
+  // tokens: int64 [rows], one new token for each of `rows` sequences of the same length
+  // (no padding); positions: int64 [rows], each token's position embedding, or empty
+  // for `pos`; k_cache, v_cache: [layers, rows, heads, max_len, d_head] (the model's
+  // KVCache), written at `pos`; returns the logits [rows, d_vocab] in the activation type.
+  torch::Tensor run(torch::Tensor tokens, torch::Tensor positions, torch::Tensor k_cache,
+                    torch::Tensor v_cache, int64_t pos, int64_t chunk_bytes) {
     TORCH_CHECK(chunk_bytes > 0, "Step.run: chunk_bytes must be positive");
     const auto adtype = bf16_ ? torch::kBFloat16 : torch::kFloat;
-    TORCH_CHECK(x.scalar_type() == adtype && x.dim() == 2 && x.size(0) >= 1 &&
-                    x.size(1) == D_ && x.is_contiguous(),
-                "Step.run: x must be a contiguous [rows, d_model] tensor of the activation type");
-    const int64_t L = static_cast<int64_t>(layers_.size()), M = x.size(0);
+    const int64_t L = static_cast<int64_t>(layers_.size()), M = tokens.numel();
+    for (const auto* t : {&tokens, &positions})
+      TORCH_CHECK(t->scalar_type() == torch::kLong && t->dim() == 1 && t->device().is_cpu(),
+                  "Step.run: tokens and positions must be int64 [rows] tensors");
+    TORCH_CHECK(M >= 1 && (positions.numel() == 0 || positions.numel() == M),
+                "Step.run: one token per row, and one position per token or none");
+    std::vector<int64_t> tok(M), at_pos(M, pos);  // (any strides)
+    for (int64_t m = 0; m < M; ++m) {
+      tok[m] = tokens.data_ptr<int64_t>()[m * tokens.stride(0)];
+      if (positions.numel()) at_pos[m] = positions.data_ptr<int64_t>()[m * positions.stride(0)];
+      TORCH_CHECK(tok[m] >= 0 && tok[m] < wte_.size(0), "Step.run: token id ", tok[m],
+                  " is outside the vocabulary");
+      TORCH_CHECK(at_pos[m] >= 0 && at_pos[m] < wpe_.size(0), "Step.run: position ", at_pos[m],
+                  " is outside the position embedding");
+    }
     for (const auto* c : {&k_cache, &v_cache})
       TORCH_CHECK(c->scalar_type() == adtype && c->dim() == 5 && c->size(0) == L &&
                       c->size(1) == M && c->is_contiguous() && c->size(2) * c->size(4) == D_,
@@ -103,13 +129,14 @@ class Step {
     TORCH_CHECK(pos >= 0 && pos < max_len, "Step.run: position ", pos, " is outside the cache");
 
     const int64_t e = bf16_ ? 2 : 4;  // bytes of an activation
-    auto y = torch::empty({M, D_}, x.options());
+    auto logits = torch::empty({M, unembed_.N}, wte_.options());
     std::vector<char> qkv(M * 3 * D_ * e), z(M * D_ * e), ao(M * D_ * e), u(M * d_mlp_ * e),
         mo(M * D_ * e);
     const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
     // one chunk counter per product: [layer][qkv, out, fc, proj]
-    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[4 * L]);
-    for (int64_t i = 0; i < 4 * L; ++i) next[i].store(0, std::memory_order_relaxed);
+    // (and one for the unembedding)
+    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[4 * L + 1]);
+    for (int64_t i = 0; i < 4 * L + 1; ++i) next[i].store(0, std::memory_order_relaxed);
     char* kc = static_cast<char*>(k_cache.data_ptr());
     char* vc = static_cast<char*>(v_cache.data_ptr());
     const int64_t head_bytes = max_len * dh * e;
@@ -120,8 +147,13 @@ class Step {
       std::vector<float> resid(M * D_), scores(pos + 1), xs(M);
       std::vector<char> h(M * D_ * e);
       std::vector<uint8_t> xq(kind_ == kInt8 ? M * 2 * std::max(D_, d_mlp_) : 0);
-      const auto* xp = static_cast<const char*>(x.data_ptr());
-      for (int64_t m = 0; m < M; ++m) gpt2lab::load_row(xp + m * D_ * e, bf16_, D_, &resid[m * D_]);
+      // the embeddings, wte[token] + wpe[position], rounded once as the eager sum
+      const auto* wte = static_cast<const char*>(wte_.data_ptr());
+      const auto* wpe = static_cast<const char*>(wpe_.data_ptr());
+      for (int64_t m = 0; m < M; ++m) {
+        gpt2lab::load_row(wte + tok[m] * D_ * e, bf16_, D_, &resid[m * D_]);
+        gpt2lab::add_row(&resid[m * D_], wpe + at_pos[m] * D_ * e, bf16_, D_);
+      }
       // this thread's (row, head) pairs of attention
       const int64_t a0 = M * H * tid / T, a1 = M * H * (tid + 1) / T;
       auto norm = [&](const torch::Tensor& w, const torch::Tensor& b) {
@@ -159,12 +191,10 @@ class Step {
 #pragma omp barrier
         add(mo);
       }
-      if (tid == 0) {
-        auto* yp = static_cast<char*>(y.data_ptr());
-        for (int64_t m = 0; m < M; ++m) gpt2lab::store_row(&resid[m * D_], bf16_, D_, yp + m * D_ * e);
-      }
+      norm(lnf_w_, lnf_b_);
+      product(unembed_, h.data(), static_cast<char*>(logits.data_ptr()), 0, 4 * L);
     }
-    return y;
+    return logits;
   }
 
  private:
@@ -227,15 +257,42 @@ class Step {
   bool bf16_ = false;
   int64_t D_ = 0, d_mlp_ = 0;
   std::vector<Layer> layers_;
+  torch::Tensor wte_, wpe_, lnf_w_, lnf_b_;
+  Lin unembed_;
 };
+
+// The greedy pick of each row of logits [B, V] (float32 or bf16): (ids int64 [B], their
+// log-softmax float32 [B]) in two passes over each row, where torch takes four ops
+// (float, log_softmax, argmax, gather) of ~50 us each on a decoding step's cold caches.
+std::tuple<torch::Tensor, torch::Tensor> greedy(torch::Tensor logits) {
+  TORCH_CHECK(cpu_can(kF32), "greedy: this CPU lacks AVX-512");
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) > 0 &&
+                  (logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16),
+              "greedy: logits must be a CPU [rows, vocab] tensor of float32 or bfloat16");
+  const auto x = logits.contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto ids = torch::empty({B}, x.options().dtype(torch::kLong));
+  auto lp = torch::empty({B}, x.options().dtype(torch::kFloat));
+  const char* base = static_cast<const char*>(x.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    gpt2lab::greedy_row(base + b * V * x.element_size(), bf16, V, ids.data_ptr<int64_t>() + b,
+                        lp.data_ptr<float>() + b);
+  return {ids, lp};
+}
 
 }  // namespace
 
 void register_step(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<Step>(m, "Step", "one new token of each of a few sequences through every block (step.cpp)")
-      .def(py::init<int64_t, int64_t, double, std::vector<double>, std::vector<torch::Tensor>>(),
-           py::arg("kind"), py::arg("act"), py::arg("eps"), py::arg("scales"), py::arg("tensors"))
-      .def("run", &Step::run, py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
+      .def(py::init<int64_t, int64_t, double, std::vector<double>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>>(),
+           py::arg("kind"), py::arg("act"), py::arg("eps"), py::arg("scales"), py::arg("tensors"),
+           py::arg("head"))
+      .def("run", &Step::run, py::arg("tokens"), py::arg("positions"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("pos"),
            py::arg("chunk_bytes") = gpt2lab::kChunkBytes, py::call_guard<py::gil_scoped_release>());
+  m.def("greedy", &greedy, "argmax of each row of logits and its log-softmax (AVX-512F)",
+        py::arg("logits"), py::call_guard<py::gil_scoped_release>());
 }

@@ -22,5 +22,8 @@ void store_row(const float* x, bool bf16, int64_t D, void* out);
 void attend_head(const void* q, const void* k_new, const void* v_new, void* k_cache,
                  void* v_cache, int64_t pos, int64_t dh, float scale, bool bf16, float* scores,
                  void* z);
+// The greedy token of one row of V logits (the first index of the maximum, as torch's
+// argmax) and its log-softmax; NaN where the row has a NaN, +inf or only -inf.
+void greedy_row(const void* logits, bool bf16, int64_t V, int64_t* id, float* logprob);
 
 }  // namespace gpt2lab

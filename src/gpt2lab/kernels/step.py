@@ -1,22 +1,25 @@
 """A whole decoding step in one native call: one new token of each sequence of a small
-batch without padding through every block.
+batch without padding, from its id to its logits.
 
 An eager step at batch 1 reads each weight once and runs ~40 small torch ops per layer
 around those reads (LayerNorms, the cache write, attention over the cache, residual
 adds, Python between them): 3-14 ms a token at gpt2-medium size on the 2-core AMD EPYC,
-10-17% of a float32 or bf16 step. `step.cpp` runs all the blocks in one OpenMP region
-on gpt2lab's own matrix-vector kernels instead. The model calls `plan(...)` before its
-blocks; where it returns a runner, the blocks run through it and nothing else changes
-(embeddings, the final LayerNorm and the unembedding stay as they are).
+10-17% of a float32 or bf16 step. `step.cpp` runs the embeddings, all the blocks, the
+final LayerNorm and the unembedding in one OpenMP region on gpt2lab's own
+matrix-vector kernels instead. Even the ~20 torch ops around the blocks count: each
+costs 20-90 us right after the weights have streamed through (and evicted) the caches,
+~1 ms a token in all (bf16, gpt2-medium). The model calls `plan(...)` first; where it
+returns a runner, the runner's logits are the forward's result.
 
 It applies only where nothing could tell the difference:
 - one new token for each of at most MAX_ROWS sequences, with a KV cache, no padding (no
-  key mask), all blocks;
+  key mask), all blocks, logits asked for (return_type "logits");
 - no hook of the model attached or in a `hooks()` block, writes-only ones (steering)
   included; autograd off, not tracing, CPU;
 - the model's own modules, unreplaced: LayerNorms with a live scale (not LN-free),
   `Linear` layers all float32 or all bf16, or `Int8Linear` layers all with bf16
-  activations; a GELU the kernels fuse; d_head a multiple of 16 (at most 128);
+  activations (then the unembedding runs on its int8 copy); embeddings of the
+  activation type; a GELU the kernels fuse; d_head a multiple of 16 (at most 128);
 - the native kernels built on this CPU (AVX-512; BF16 for bf16, VNNI for int8).
 Then whether it runs is the chooser's case ("step", kind, row bucket, layers, d_model,
 d_mlp): the eager and the native step are each timed on a scratch cache on first use, the
@@ -34,6 +37,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from ..hooks import any_hook
 from . import native
@@ -44,15 +48,17 @@ KINDS = {"f32": (0, torch.float32), "bf16": (1, torch.bfloat16), "int8": (2, tor
 ACTS = {"gelu_tanh": 1, "gelu_erf": 2}
 
 
-def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | None:
-    """The native runner `(resid, cache) -> resid` for this call of the model's blocks, or
-    None to run them eagerly (see the module docstring)."""
+def plan(model, cache, B: int, T: int, key_mask, stop_at_layer, return_type) -> Callable | None:
+    """The native runner `(tokens, position_ids, cache) -> logits` for this forward call,
+    or None to run it eagerly (see the module docstring)."""
     if cache is None or T != 1 or B > MAX_ROWS or key_mask is not None or stop_at_layer is not None:
+        return None
+    if return_type != "logits":
         return None
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or any_hook(model):
         return None
     held = cache.__dict__.get("_native_step")
-    if held is None or held[0]() is not model:
+    if held is None or held[0]() is not model or (held[1] is not None and not held[1].holds(model)):
         held = (weakref.ref(model), _build(model, cache))
         cache._native_step = held
     runner = held[1]
@@ -67,9 +73,20 @@ def plan(model, cache, B: int, T: int, key_mask, stop_at_layer) -> Callable | No
 class Runner:
     """The compiled step for one model, and the call the model makes."""
 
-    def __init__(self, step, kind: str, shape: tuple):
+    def __init__(self, step, kind: str, shape: tuple, head: list[torch.Tensor], int8_layer):
         self.step, self.kind, self.shape = step, kind, shape
         self.dtype = KINDS[kind][1]
+        self.head, self.int8_layer = head, int8_layer
+        unembed = int8_layer.q_weight if int8_layer is not None else head[4]
+        self.step_unembed_bytes = unembed.numel() * unembed.element_size()
+
+    def holds(self, model) -> bool:
+        """Whether the embeddings, final LayerNorm and unembedding are still the tensors
+        it holds (weight processing replaces them; an int8 model's copy of the
+        unembedding is remade when its source is edited): if not, it is built again."""
+        if any(a is not b for a, b in zip(_head(model), self.head, strict=True)):
+            return False
+        return self.int8_layer is None or _int8_unembed(model) is self.int8_layer
 
     def takes(self, cache) -> bool:
         """Whether the cache's tensors are still ones the step reads (beam search replaces
@@ -83,15 +100,22 @@ class Runner:
     def key(self, rows: int) -> tuple:
         return ("step", self.kind, row_bucket(rows), *self.shape)
 
-    def __call__(self, resid: torch.Tensor, cache) -> torch.Tensor:
-        B, _, D = resid.shape
-        out = self.step.run(resid.reshape(B, D).contiguous(), cache.k, cache.v, cache.length)
-        return out.view(resid.shape)
+    def __call__(self, tokens: torch.Tensor, position_ids, cache) -> torch.Tensor:
+        """Logits [B, 1, d_vocab] for tokens [B, 1] at `position_ids` [B, 1] (None: the
+        cache's next position)."""
+        B = tokens.shape[0]
+        positions = _NONE if position_ids is None else position_ids.expand(B, 1).reshape(B)
+        return self.step.run(tokens.reshape(B), positions, cache.k, cache.v, cache.length).view(
+            B, 1, -1
+        )
+
+
+_NONE = torch.empty(0, dtype=torch.long)  # no positions: the cache's next one
 
 
 def _build(model, cache) -> Runner | None:
     """The runner for `model`, or None where the step does not apply to it."""
-    from ..model import LayerNorm, Linear
+    from ..model import LayerNorm, Linear, Unembed
     from ..quantize import Int8Linear
 
     cfg = model.cfg
@@ -109,9 +133,23 @@ def _build(model, cache) -> Runner | None:
     else:
         return None
     dtype = KINDS[kind][1]
-    norms = [n for b in model.blocks for n in (b.ln1, b.ln2)]
+    norms = [n for b in model.blocks for n in (b.ln1, b.ln2)] + [model.ln_final]
     if any(type(n) is not LayerNorm or n.fixed_scale is not None for n in norms):
         return None
+    if type(model.wte) is not nn.Embedding or type(model.wpe) is not nn.Embedding:
+        return None
+    if type(model.unembed) is not Unembed:
+        return None
+    int8_layer = _int8_unembed(model) if kind == "int8" else None
+    if kind == "int8" and int8_layer is None:
+        return None
+    head = _head(model)
+    if int8_layer is not None:
+        unembed = _linear_tensors(int8_layer, dtype)
+    else:
+        weight, bias = head[4:]
+        unembed = [weight, bias if bias is not None else torch.empty(0, dtype=dtype)]
+        unembed += [torch.empty(0), torch.empty(0)]
     Step = native.step_class(kind)
     if Step is None:
         return None
@@ -122,10 +160,28 @@ def _build(model, cache) -> Runner | None:
             tensors += _linear_tensors(m, dtype)
     try:
         step = Step(KINDS[kind][0], act, cfg.layer_norm_eps, [b.attn.scale for b in model.blocks],
-                    [t.detach() for t in tensors])  # fmt: skip
+                    [t.detach() for t in tensors],
+                    [t.detach() for t in [*head[:4], *unembed]])  # fmt: skip
     except RuntimeError:  # shapes or dtypes the kernels do not take (step.cpp checks)
         return None
-    return Runner(step, kind, (cfg.n_layers, cfg.d_model, cfg.d_mlp))
+    return Runner(step, kind, (cfg.n_layers, cfg.d_model, cfg.d_mlp), head, int8_layer)
+
+
+def _head(model) -> tuple:
+    """The tensors around the blocks: wte, wpe, ln_final's weight and bias, and the
+    unembedding's weight (the tied wte, or its own after weight processing) and bias."""
+    u = model.unembed
+    weight = model.wte.weight if u.weight is None else u.weight
+    return (model.wte.weight, model.wpe.weight, model.ln_final.weight, model.ln_final.bias,
+            weight, u.bias)  # fmt: skip
+
+
+def _int8_unembed(model):
+    """The int8 copy of an int8 model's unembedding (quantize.Int8Copy), or None."""
+    u = model.unembed
+    if u.int8_copy is None:
+        return None
+    return u.int8_copy.of(model.wte.weight if u.weight is None else u.weight, u.bias)
 
 
 def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -156,17 +212,18 @@ def _decide(model, runner: Runner, rows: int) -> str:
                 model(first, cache=scratch)
         return scratch
 
-    def eager(_copy: int) -> None:  # the blocks alone, as the native step
+    def eager(_copy: int) -> None:  # the whole forward call, as the native step
         cache = ready()
         cache.length = 1
-        model(first, cache=cache, stop_at_layer=model.cfg.n_layers)
+        with force("step", "eager"):
+            model(first, cache=cache)
 
     def fast(_copy: int) -> None:
         cache = ready()
-        x = model.wte.weight[first[:, 0]].detach()
-        runner.step.run(x, cache.k, cache.v, 1)
+        runner.step.run(first[:, 0], _NONE, cache.k, cache.v, 1)
 
     weights = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
     weights += sum(t.numel() * t.element_size() for t in model.blocks.buffers())
+    weights += runner.step_unembed_bytes
     return chooser().pick(key, {"eager": eager, "native": fast}, op="step", dtype=runner.kind,
                           weight_bytes=weights)  # fmt: skip

@@ -1,5 +1,6 @@
 // The small per-layer operations of a native decoding step (step.cpp), for one row:
-// LayerNorm, the residual add, and attention of one head over the KV cache. Compiled
+// LayerNorm, the residual add, attention of one head over the KV cache, and the greedy
+// pick from a row of logits. Compiled
 // for AVX-512F, like gemv_f32.cpp; step.cpp only calls them where the CPU has it.
 //
 // Rounding follows the eager model exactly where it rounds: with bf16 activations
@@ -122,6 +123,48 @@ void attend_head(const void* q, const void* k_new, const void* v_new, void* k_ca
   alignas(64) float out[128];
   for (int64_t d = 0; d < nv; ++d) _mm512_store_ps(out + 16 * d, acc[d]);
   store_row(out, bf16, dh, z);
+}
+
+void greedy_row(const void* logits, bool bf16, int64_t V, int64_t* id, float* logprob) {
+  // Pass 1: the maximum and the first index holding it. Each lane keeps its first
+  // maximum (it moves only on a strictly greater value); the lanes are merged by the
+  // least index among those equal to the maximum. NaNs are counted, not compared.
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  __m512i at = _mm512_set1_epi32(0);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 nan = 0;
+  auto load = [&](int64_t i, __mmask16 mask) {
+    const __m512 fill = _mm512_set1_ps(-INFINITY);
+    if (bf16)
+      return _mm512_mask_mov_ps(fill, mask, load_bf16(static_cast<const uint16_t*>(logits) + i, mask));
+    return _mm512_mask_loadu_ps(fill, mask, static_cast<const float*>(logits) + i);
+  };
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 mask = V - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (V - i)) - 1);
+    const __m512 v = load(i, mask);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 up = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);
+    top = _mm512_mask_mov_ps(top, up, v);
+    at = _mm512_mask_mov_epi32(at, up, idx);
+    idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+  }
+  const float best = _mm512_reduce_max_ps(top);
+  const __mmask16 is_best = _mm512_cmp_ps_mask(top, _mm512_set1_ps(best), _CMP_EQ_OQ);
+  *id = _mm512_mask_reduce_min_epi32(is_best, at);
+  // A NaN, an infinite maximum or a row of -inf has no finite log-softmax (torch's
+  // gives NaN there too): the caller treats NaN as non-finite logits.
+  if (nan || !std::isfinite(best)) {
+    *logprob = NAN;
+    return;
+  }
+  // Pass 2: log-softmax of the maximum = -log(sum_j e^(x_j - max)), float32 sums.
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 shift = _mm512_set1_ps(best);
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 mask = V - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (V - i)) - 1);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(load(i, mask), shift))));
+  }
+  *logprob = -std::log(_mm512_reduce_add_ps(sum));
 }
 
 }  // namespace gpt2lab
