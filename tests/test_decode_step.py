@@ -335,3 +335,26 @@ def test_processed_weights_explicit_positions_and_edits_of_the_unembedding(ckpts
         ref = _processed_steps(ref_model, prompt, "eager")
         err_eager, err_fast = (eager - ref).abs().max().item(), (fast - ref).abs().max().item()
         assert err_fast <= 1.5 * err_eager + 2**-8 * scale
+
+
+def test_hooks_added_or_removed_between_steps_are_seen(ckpts):
+    """Whether a model has persistent hooks is remembered until any hook changes: a hook
+    added between two steps fires at the next one (the native step steps aside), one
+    removed no longer does, and a deep copy keeps its hooks and its own answer."""
+    _needs("f32")
+    model = _model(ckpts["small"][0], "f32")
+    seen = []
+    cache = model.new_cache(1, 8)
+    with torch.no_grad(), kernels.force("step", "native"):
+        model(torch.tensor([[1, 2]]), cache=cache)
+        model(torch.tensor([[3]]), cache=cache)
+        model.add_hook("blocks.0.hook_resid_post", lambda x, hook: seen.append(1))
+        model(torch.tensor([[4]]), cache=cache)
+        twin = copy.deepcopy(model)
+        twin(torch.tensor([[1]]), cache=twin.new_cache(1, 4))
+        model.reset_hooks()
+        model(torch.tensor([[5]]), cache=cache)
+        twin(torch.tensor([[1]]), cache=twin.new_cache(1, 4))
+        model.blocks[1].hook_attn_out.persistent = (lambda x, hook: seen.append(2),)
+        model(torch.tensor([[6]]), cache=cache)
+    assert seen == [1, 1, 1, 2]
