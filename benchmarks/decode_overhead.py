@@ -8,7 +8,7 @@ each other) is overhead that no faster matmul removes. For each dtype this times
 interleaved, best of N:
 - `native step` / `eager step`: one `model(token, cache=cache)` call at gpt2-medium size
   (random weights), after a 16-token prompt, logits for the last token (what generation
-  runs), with the step forced native (kernels/step.py: all blocks in one C++ call) or
+  runs), with the step forced native (kernels/step.py: ids to logits in one C++ call) or
   eager (the blocks op by op in PyTorch);
 - `matmuls`: the eager step's linear / int8 calls alone, on the kernels it chose, with
   1-row inputs;

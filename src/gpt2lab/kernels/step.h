@@ -8,7 +8,6 @@
 
 namespace gpt2lab {
 
-float round_act(float v, bool bf16);
 // y = LayerNorm(x) * w + b for one row of D values (w, b, y in the activation type).
 void layer_norm_row(const float* x, const void* w, const void* b, bool bf16, int64_t D, float eps,
                     void* y);
