@@ -397,9 +397,10 @@ def _generate_loop(model: GPT2, tokens, mask, s: _Settings) -> GenerationResult:
                 continue
             out[b].append(t)
             lps[b].append(lp)
-            rows[b].push(t)
-            if rows[b].stopped:
-                reasons[b] = "stop"
+            if s.stop_strings:  # (else the text is decoded once, at the end)
+                rows[b].push(t)
+                if rows[b].stopped:
+                    reasons[b] = "stop"
         if all(r != "length" for r in reasons):
             break
         if s.max_time is not None and time.monotonic() - start > s.max_time:
