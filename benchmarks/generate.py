@@ -110,14 +110,25 @@ def paired_share(
     return 100 * statistics.median(shares)
 
 
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median over rounds of theirs / ours (seconds, so > 1: gpt2lab faster), each
+    round against the peer's run in the same round: on a machine whose memory speed
+    drifts between rounds, the ratio of two bests compares two different moments."""
+    return statistics.median(t / o for o, t in zip(ours, theirs, strict=True))
+
+
 def weight_bytes(model) -> int:
     """Bytes one decoding step reads: every block's weights, the final LayerNorm and the
-    unembedding (the token embedding, tied); embedding lookups touch one row only."""
+    unembedding (the token embedding, tied, or an int8 model's int8 copy of it, which its
+    decoding step reads); embedding lookups touch one row only."""
     parts = [model.blocks, model.ln_final]
     total = sum(
         t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()]
     )
-    unembed = model.wte.weight if model.unembed.weight is None else model.unembed.weight
+    u = model.unembed
+    unembed = model.wte.weight if u.weight is None else u.weight
+    if u.int8_copy is not None and u.int8_copy.layer is not None:  # an int8 model reads its copy
+        unembed = u.int8_copy.layer.q_weight
     return total + unembed.numel() * unembed.element_size()
 
 
@@ -295,8 +306,9 @@ def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
         f"Batch 1: prefill {PROMPT_LEN} tokens then decode {N} (tok/s = {N} / time, best round)\n"
     )
     print("| precision | gpt2lab tok/s | of ceiling (paired rounds) | llama.cpp tok/s "
-          "| of ceiling (paired rounds) | gpt2lab / llama.cpp | llama.cpp decode only, tok/s |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| of ceiling (paired rounds) | gpt2lab / llama.cpp | paired rounds "
+          "| llama.cpp decode only, tok/s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n, m in ours.items():
         k = SAME_PRECISION[n]
         ours_ts = N / min(times[f"gpt2lab {n}"])
@@ -304,9 +316,10 @@ def llama_section(ours, llama: LlamaCpp, new_tokens: int, rounds: int) -> None:
         c_ours, c_theirs = gbps * 1e9 / weight_bytes(m), gbps * 1e9 / read[n]
         p_ours = paired_share(times[f"gpt2lab {n}"], N, speeds, weight_bytes(m))
         p_theirs = paired_share(ll[n]["pg"], N, speeds, read[n])
+        paired = paired_ratio(times[f"gpt2lab {n}"], ll[n]["pg"])
         print(f"| {n} / {k} | {ours_ts:.1f} | {100 * ours_ts / c_ours:.0f}% ({p_ours:.0f}%) "
               f"| {theirs:.1f} | {100 * theirs / c_theirs:.0f}% ({p_theirs:.0f}%) "
-              f"| {ours_ts / theirs:.2f} | {N / min(ll[n]['tg']):.1f} |")  # fmt: skip
+              f"| {ours_ts / theirs:.2f} | {paired:.2f} | {N / min(ll[n]['tg']):.1f} |")  # fmt: skip
     print(f"\nPrefill of {PROMPT_LEN} tokens, batch 1 (tok/s = {PROMPT_LEN} / time, best round)\n")
     print("| precision | gpt2lab tok/s | llama.cpp tok/s | gpt2lab / llama.cpp |")
     print("|---|---:|---:|---:|")
