@@ -14,7 +14,7 @@ warm weight (4-12 MB fit in a 32 MB L3) picks the kernel fastest on cached data,
 flushing the cache before each run charges the kernel for a cold start that a decode
 step, streaming weight after weight, does not pay. The answer is kept
 for the process and written to a cache file keyed by the CPU model, its flags, the
-thread count and the torch version (unless the machine was busy while measuring: then
+thread count, the torch version and a hash of gpt2lab's native kernel sources (unless the machine was busy while measuring: then
 this process's CPU time falls well short of its threads' wall time, the answer is
 noise, and only this process uses it) (`~/.cache/gpt2lab/kernels.json`, or
 `$GPT2LAB_KERNEL_CACHE`), so later processes time nothing. `gpt2lab tune` fills it ahead
@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GPT2LabError
+from . import native
 
 ROUNDS = 3  # timed runs per candidate (after one untimed warm-up), interleaved
 # A measurement made while this process had less than this share of its threads' CPU
@@ -100,6 +101,7 @@ def machine_key() -> str:
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return (
         f"{model} | flags {digest} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+        f" | kernels {native.sources_digest()}"
     )
 
 

@@ -15,6 +15,32 @@ struct Bf16Dot {
   const uint16_t* x;
   const uint16_t* w;
   int64_t K;
+  static constexpr int kCols = 4;
+
+  // MB rows of x against NB weight rows n.. at once: each vector loaded (weights from
+  // memory, x from L1) feeds NB or MB products, so with several rows the loads no
+  // longer bound the dot products (one-row decoding takes `run`: memory-bound).
+  template <int MB, int NB>
+  void block(int64_t n, int64_t m0, float (*r)[kMaxRows]) const {
+    const uint16_t* wr = w + n * K;
+    const uint16_t* xr = x + m0 * K;
+    __m512 acc[NB][MB];
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512bh wv[NB];
+      for (int j = 0; j < NB; ++j) {
+        prefetch(wr + j * K + k + kPrefetchBytes / 2);
+        wv[j] = (__m512bh)_mm512_loadu_si512(wr + j * K + k);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr + m * K + k);
+        for (int j = 0; j < NB; ++j) acc[j][m] = _mm512_dpbf16_ps(acc[j][m], xv, wv[j]);
+      }
+    }
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) r[j][m] = _mm512_reduce_add_ps(acc[j][m]);
+  }
 
   template <int MB>
   void run(int64_t n, int64_t m0, float* r) const {

@@ -131,7 +131,22 @@ inline void walk(const Dot& dot, const Bias& bias, Out* y, int64_t M, int64_t N,
     const __m512 b = bias(t, mask);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int mb = static_cast<int>(M - m0 < kMaxRows ? M - m0 : kMaxRows);
-      for (int j = 0; j < cnt; ++j) {
+      int j = 0;
+      if constexpr (Dot::kCols > 1) {  // several rows of x: kCols weight rows at a time
+        if (mb > 1) {
+          for (; j + Dot::kCols <= cnt; j += Dot::kCols) {
+            float r[Dot::kCols][kMaxRows];
+            switch (mb) {
+              case 2: dot.template block<2, Dot::kCols>(t + j, m0, r); break;
+              case 3: dot.template block<3, Dot::kCols>(t + j, m0, r); break;
+              default: dot.template block<4, Dot::kCols>(t + j, m0, r); break;
+            }
+            for (int c = 0; c < Dot::kCols; ++c)
+              for (int m = 0; m < mb; ++m) tmp[m][j + c] = r[c][m];
+          }
+        }
+      }
+      for (; j < cnt; ++j) {
         float r[kMaxRows];
         switch (mb) {
           case 1: dot.template run<1>(t + j, m0, r); break;

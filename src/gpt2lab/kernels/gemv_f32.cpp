@@ -14,6 +14,30 @@ struct F32Dot {
   const float* x;
   const float* w;
   int64_t K;
+  static constexpr int kCols = 4;
+
+  // MB rows of x against NB weight rows at once (see Bf16Dot::block).
+  template <int MB, int NB>
+  void block(int64_t n, int64_t m0, float (*r)[kMaxRows]) const {
+    const float* wr = w + n * K;
+    const float* xr = x + m0 * K;
+    __m512 acc[NB][MB];
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) acc[j][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 wv[NB];
+      for (int j = 0; j < NB; ++j) {
+        prefetch(wr + j * K + k + kPrefetchBytes / 4);
+        wv[j] = _mm512_loadu_ps(wr + j * K + k);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_loadu_ps(xr + m * K + k);
+        for (int j = 0; j < NB; ++j) acc[j][m] = _mm512_fmadd_ps(xv, wv[j], acc[j][m]);
+      }
+    }
+    for (int j = 0; j < NB; ++j)
+      for (int m = 0; m < MB; ++m) r[j][m] = _mm512_reduce_add_ps(acc[j][m]);
+  }
 
   // One accumulator chain per (row, unrolled step): 4 chains at one row hide the FMA
   // latency; with more rows the rows themselves give the independent chains.

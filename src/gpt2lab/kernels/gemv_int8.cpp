@@ -24,6 +24,7 @@ struct Int8Dot {
   const int32_t* q_sum;
   const float* scales;
   int64_t K;
+  static constexpr int kCols = 1;  // (two sums per product already: no room for more)
 
   template <int MB>
   void run(int64_t n, int64_t m0, float* r) const {

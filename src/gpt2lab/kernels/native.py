@@ -92,6 +92,23 @@ def _cpu_flags() -> frozenset[str]:
     )
 
 
+@lru_cache(maxsize=1)
+def sources_digest() -> str:
+    """A hash of the kernels' C++ sources and headers: a measured choice holds for the
+    kernels it timed, so the chooser keys its answers by it (an edited kernel, a new
+    version of gpt2lab, is measured again)."""
+    import hashlib
+
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *DEPENDS):
+        try:
+            digest.update((here / name).read_bytes())
+        except OSError:
+            digest.update(name.encode())
+    return digest.hexdigest()[:12]
+
+
 def cpu_supports(kind: str) -> bool:
     """Whether this CPU has the instructions of kernel `kind` ("f32", "bf16", "int8")."""
     return _NEEDS[kind][0] <= _cpu_flags()
