@@ -14,9 +14,9 @@ warm weight (4-12 MB fit in a 32 MB L3) picks the kernel fastest on cached data,
 flushing the cache before each run charges the kernel for a cold start that a decode
 step, streaming weight after weight, does not pay. The answer is kept
 for the process and written to a cache file keyed by the CPU model, its flags, the
-thread count, the torch version and a hash of gpt2lab's native kernel sources (unless the machine was busy while measuring: then
-this process's CPU time falls well short of its threads' wall time, the answer is
-noise, and only this process uses it) (`~/.cache/gpt2lab/kernels.json`, or
+thread count, the torch version and a hash of gpt2lab's native kernel sources (unless
+the machine was busy while measuring: then this process's CPU time falls well short of
+its threads' wall time, the answer is noise, and only this process uses it) (`~/.cache/gpt2lab/kernels.json`, or
 `$GPT2LAB_KERNEL_CACHE`), so later processes time nothing. `gpt2lab tune` fills it ahead
 of time; `gpt2lab info --kernels` shows the choices with their measured GB/s.
 

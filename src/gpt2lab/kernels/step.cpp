@@ -1,15 +1,15 @@
 // A native decoding step: one new token of each of a few sequences (a batch without
 // padding) from its id to its logits in one call: the embeddings, every block, the
-// final LayerNorm and the unembedding (kernels/step.py decides when it runs). An eager step pays ~40 small torch ops per layer around its weight reads
-// (3-14 ms a token at gpt2-medium size on the 2-core AMD EPYC); here the whole step is
-// one OpenMP region: each matrix-vector product is split by output columns over the
-// threads (gemv_*.cpp, each weight streamed once for all rows; chunks.h), the (row,
-// head) pairs of attention likewise, and
-// the threads meet at a barrier only where the next product needs the whole previous
-// output (five per layer). The residual stream and the LayerNorms, a few thousand
-// values, are computed by every thread into its own copy, which costs less than
-// another barrier. Compiled for plain x86-64 (torch's headers); the arithmetic lives in
-// step_ops.cpp and gemv_*.cpp, each built for its instruction set.
+// final LayerNorm and the unembedding (kernels/step.py decides when it runs). An eager
+// step pays ~40 small torch ops per layer around its weight reads (3-14 ms a token at
+// gpt2-medium size on the 2-core AMD EPYC); here the whole step is one OpenMP region:
+// each matrix-vector product is split by output columns over the threads (gemv_*.cpp,
+// each weight streamed once for all rows; chunks.h), the (row, head) pairs of attention
+// likewise, and the threads meet at a barrier only where the next product needs the
+// whole previous output (five per layer). The residual stream and the LayerNorms, a few
+// thousand values, are computed by every thread into its own copy, which costs less
+// than another barrier. Compiled for plain x86-64 (torch's headers); the arithmetic
+// lives in step_ops.cpp and gemv_*.cpp, each built for its instruction set.
 #include <omp.h>
 #include <torch/extension.h>
 
@@ -285,7 +285,7 @@ std::tuple<torch::Tensor, torch::Tensor> greedy(torch::Tensor logits) {
 
 void register_step(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Step>(m, "Step", "one new token of each of a few sequences through every block (step.cpp)")
+  py::class_<Step>(m, "Step", "one new token of each of a few sequences, ids to logits (step.cpp)")
       .def(py::init<int64_t, int64_t, double, std::vector<double>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>>(),
            py::arg("kind"), py::arg("act"), py::arg("eps"), py::arg("scales"), py::arg("tensors"),

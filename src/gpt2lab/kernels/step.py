@@ -73,20 +73,19 @@ def plan(model, cache, B: int, T: int, key_mask, stop_at_layer, return_type) -> 
 class Runner:
     """The compiled step for one model, and the call the model makes."""
 
-    def __init__(self, step, kind: str, shape: tuple, head: list[torch.Tensor], int8_layer):
+    def __init__(self, step, kind: str, shape: tuple, head: tuple, int8_layer):
         self.step, self.kind, self.shape = step, kind, shape
         self.dtype = KINDS[kind][1]
         self.head, self.int8_layer = head, int8_layer
-        unembed = int8_layer.q_weight if int8_layer is not None else head[4]
-        self.step_unembed_bytes = unembed.numel() * unembed.element_size()
 
     def holds(self, model) -> bool:
         """Whether the embeddings, final LayerNorm and unembedding are still the tensors
         it holds (weight processing replaces them; an int8 model's copy of the
         unembedding is remade when its source is edited): if not, it is built again."""
-        if any(a is not b for a, b in zip(_head(model), self.head, strict=True)):
+        head = _head(model)
+        if any(a is not b for a, b in zip(head, self.head, strict=True)):
             return False
-        return self.int8_layer is None or _int8_unembed(model) is self.int8_layer
+        return self.int8_layer is None or _int8_unembed(model, head) is self.int8_layer
 
     def takes(self, cache) -> bool:
         """Whether the cache's tensors are still ones the step reads (beam search replaces
@@ -140,10 +139,10 @@ def _build(model, cache) -> Runner | None:
         return None
     if type(model.unembed) is not Unembed:
         return None
-    int8_layer = _int8_unembed(model) if kind == "int8" else None
+    head = _head(model)
+    int8_layer = _int8_unembed(model, head) if kind == "int8" else None
     if kind == "int8" and int8_layer is None:
         return None
-    head = _head(model)
     if int8_layer is not None:
         unembed = _linear_tensors(int8_layer, dtype)
     else:
@@ -176,12 +175,11 @@ def _head(model) -> tuple:
             weight, u.bias)  # fmt: skip
 
 
-def _int8_unembed(model):
-    """The int8 copy of an int8 model's unembedding (quantize.Int8Copy), or None."""
-    u = model.unembed
-    if u.int8_copy is None:
-        return None
-    return u.int8_copy.of(model.wte.weight if u.weight is None else u.weight, u.bias)
+def _int8_unembed(model, head: tuple):
+    """The int8 copy (quantize.Int8Copy) of the unembedding in `head` (`_head(model)`) of
+    an int8 model, or None."""
+    int8_copy = model.unembed.int8_copy
+    return None if int8_copy is None else int8_copy.of(*head[4:])
 
 
 def _linear_tensors(m, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -224,6 +222,7 @@ def _decide(model, runner: Runner, rows: int) -> str:
 
     weights = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
     weights += sum(t.numel() * t.element_size() for t in model.blocks.buffers())
-    weights += runner.step_unembed_bytes
+    unembed = runner.int8_layer.q_weight if runner.int8_layer is not None else runner.head[4]
+    weights += unembed.numel() * unembed.element_size()
     return chooser().pick(key, {"eager": eager, "native": fast}, op="step", dtype=runner.kind,
                           weight_bytes=weights)  # fmt: skip
